@@ -1,0 +1,109 @@
+"""The non-tensor files of the output directory: config.json, the index, tokenizer
+files, mtplx_runtime.json and the model card. Pure functions from the plan to
+bytes, so their content can be hashed into the build key."""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+from pathlib import Path
+
+from . import __version__
+from .plan import BuildPlan
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
+
+
+def _set_dotted(d: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[last] = copy.deepcopy(value)
+
+
+def _drop_dotted(d: dict, dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.get(p)
+        if not isinstance(d, dict):
+            return
+    d.pop(last, None)
+
+
+def config_json(plan: BuildPlan) -> dict:
+    """Body config + recipe edits + mlx-lm's quantization entries (mirrored, like mlx-lm)."""
+    config = copy.deepcopy(plan.body.config or {})
+    for dotted in plan.recipe.config.drop:
+        _drop_dotted(config, dotted)
+    for key in [k for k in config if k.endswith("norm_encoding")]:
+        config.pop(key)
+    for dotted, value in plan.recipe.config.set.items():
+        _set_dotted(config, dotted, value)
+    config["quantization"] = plan.quant_config
+    config["quantization_config"] = copy.deepcopy(plan.quant_config)
+    return dict(sorted(config.items()))
+
+
+def index_json(plan: BuildPlan) -> dict:
+    weight_map = {}
+    total = 0
+    for f in plan.indexed_files:
+        for t in plan.files[f]:
+            total += t.nbytes()
+            for name, _, _ in t.outputs():
+                weight_map[name] = f
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def copied_files(plan: BuildPlan) -> dict[str, Path]:
+    """Files copied verbatim from the body directory: tokenizer, generation config, extras."""
+    root = plan.body.root
+    names = list(TOKENIZER_FILES) + list(plan.recipe.output.copy_files)
+    return {n: root / n for n in names if root is not None and (root / n).is_file()}
+
+
+def source_summary(plan: BuildPlan) -> list[dict]:
+    """Provenance per source: location, revision, digests, and the GGML types actually stored."""
+    out = []
+    for prov in plan.provenance:
+        src = plan.sources[prov["role"]]
+        stored = sorted({t.stored_as for t in plan.tensors if t.role == prov["role"]})
+        out.append({**prov, "files": {Path(f).name: d for f, d in plan.digests.get(prov["role"], {}).items()},
+                    "stored_as": stored, "format": type(src).__name__})
+    return out
+
+
+def runtime_json(plan: BuildPlan, verification: dict) -> dict:
+    """mtplx_runtime.json: the recipe's runtime block + what forgekit verified, honestly."""
+    rt = copy.deepcopy(plan.recipe.runtime)
+    passed = verification.get("passed", False)
+    rt["exactness_baseline"] = {
+        "status": "cpu_verified_by_forgekit" if passed else "unverified_forgekit_checks_failed",
+        "method": "forgekit verify steps on CPU (mlx-cpu): " + ", ".join(verification.get("steps", [])),
+        "results": verification.get("summary", {}),
+        "speed": "not measured: tok/s needs an Apple GPU; run `mtplx forge verify DIR --stamp` on a Mac",
+    }
+    rt["verified_on"] = {"machine": f"{platform.system()} {platform.machine()}", "device": "cpu",
+                         "tool": f"forgekit {__version__}", "python": platform.python_version()}
+    rt["provenance"] = {"recipe": plan.recipe.name, "sources": source_summary(plan)}
+    return rt
+
+
+def model_card(plan: BuildPlan, verification: dict) -> str:
+    r = plan.recipe
+    lines = [f"# {r.name}", "", r.description or "Built with forgekit.", "",
+             "MLX model for mlx-lm / MTPLX: body quantized per the recipe, MTP head in "
+             f"`{', '.join(plan.sidecar_files) or '-'}` (not indexed).", "", "## Provenance", ""]
+    for s in source_summary(plan):
+        where = s.get("path") or f"{s['repo']}@{s['revision']} (commit {s['commit']})" + (f" file {s['file']}" if s.get("file") else "")
+        lines.append(f"- **{s['role']}**: {where}; stored as {', '.join(x for x in s['stored_as'] if x) or 'n/a'}")
+        for name, digest in s["files"].items():
+            lines.append(f"  - `{name}` xxh3_128 `{digest}`")
+    lines += ["", f"Recipe: `{Path(r.recipe_file).name}` (chain: {' -> '.join(Path(f).name for f in r.recipe_files)})", "",
+              "## Verification (CPU)", ""]
+    for step, res in verification.get("summary", {}).items():
+        lines.append(f"- {step}: {json.dumps(res, sort_keys=True)}")
+    lines += ["", "Speed on Apple GPU was not measured here.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Quantization rules -> per-module decisions, mlx-lm's config entries, and the quantizer.
+
+A module is quantizable exactly when mlx-lm's `nn.quantize` would touch it: a 2-D
+`.weight` (Linear or Embedding) whose last dim divides by the group size.
+Rules are ordered, full-match on the module path, first match wins; modules no
+rule matches get the recipe's default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .recipe import QuantParams, Quantization
+
+ROW_CHUNK_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class QuantDecision:
+    params: QuantParams | None   # None: kept in float
+    rule: str                    # rule name, "default", or "not quantizable"
+    note: str = ""
+
+
+def module_path(tensor_key: str) -> str | None:
+    return tensor_key[: -len(".weight")] if tensor_key.endswith(".weight") else None
+
+
+def is_quantizable(tensor_key: str, shape: tuple[int, ...]) -> bool:
+    return module_path(tensor_key) is not None and len(shape) == 2
+
+
+class QuantRules:
+    def __init__(self, quantization: Quantization):
+        self.q = quantization
+        self.patterns = [re.compile(r.match) for r in quantization.rules]
+        self.used: set[str] = set()
+
+    def decide(self, tensor_key: str, shape: tuple[int, ...]) -> QuantDecision:
+        if not is_quantizable(tensor_key, shape):
+            return QuantDecision(None, "not quantizable")
+        path = module_path(tensor_key)
+        params, rule_name = self.q.default, "default"
+        for rule, pattern in zip(self.q.rules, self.patterns):
+            if pattern.fullmatch(path):
+                self.used.add(rule.name)
+                if not rule.quantize:
+                    return QuantDecision(None, rule.name)
+                params = QuantParams(
+                    bits=rule.bits or self.q.default.bits,
+                    group_size=rule.group_size or self.q.default.group_size,
+                    mode=self.q.default.mode,
+                )
+                rule_name = rule.name
+                break
+        if shape[-1] % params.group_size:
+            return QuantDecision(None, rule_name, f"last dim {shape[-1]} not divisible by group size {params.group_size}")
+        return QuantDecision(params, rule_name)
+
+    def unused(self) -> list[str]:
+        return [r.name for r in self.q.rules if r.name not in self.used and not r.optional]
+
+
+def config_entries(default: QuantParams, decisions: dict[str, QuantDecision]) -> dict:
+    """mlx-lm's `quantization` dict: the default plus one entry per module that differs."""
+    entries: dict = default.model_dump()
+    for tensor_key, d in decisions.items():
+        if d.rule == "not quantizable":
+            continue
+        path = module_path(tensor_key)
+        if d.params is None:
+            entries[path] = False
+        elif d.params != default:
+            entries[path] = d.params.model_dump()
+    return entries
+
+
+def quantized_shapes(shape: tuple[int, int], p: QuantParams) -> dict[str, tuple[int, int]]:
+    rows, cols = shape
+    return {"weight": (rows, cols * p.bits // 32), "scales": (rows, cols // p.group_size), "biases": (rows, cols // p.group_size)}
+
+
+def row_chunks(shape: tuple[int, ...], itemsize: int) -> list[slice]:
+    """Row slices small enough to bound memory; per-row-group quantization makes them exact."""
+    row_bytes = max(1, itemsize * (shape[1] if len(shape) > 1 else 1))
+    step = max(1, ROW_CHUNK_BYTES // row_bytes)
+    return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
+
+
+def quantize(w: mx.array, p: QuantParams) -> tuple[mx.array, mx.array, mx.array]:
+    return mx.quantize(w, group_size=p.group_size, bits=p.bits, mode=p.mode)

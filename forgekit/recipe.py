@@ -1,0 +1,338 @@
+"""Recipe schema, YAML loading with file:line errors, and `extends` merging.
+
+A recipe is YAML validated into frozen pydantic models (unknown keys are errors).
+`extends: NAME` merges a base recipe: mappings merge key by key, a child's list or
+scalar replaces the parent's. Every error names the file, the line and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RecipeError
+
+PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(Frozen):
+    """Where tensors come from: a local path, or an HF repo at a revision (optionally one file)."""
+
+    path: Optional[str] = None
+    repo: Optional[str] = None
+    revision: Optional[str] = None
+    file: Optional[str] = None
+    table: Optional[str] = Field(None, description="remap table for this source; default: the source's role name")
+
+    @model_validator(mode="after")
+    def _one_location(self):
+        if (self.path is None) == (self.repo is None):
+            raise ValueError("give exactly one of 'path' or 'repo'")
+        if self.path is not None and (self.revision or self.file):
+            raise ValueError("'revision' and 'file' only go with 'repo'")
+        return self
+
+
+def _check_regex(pattern: str) -> str:
+    try:
+        re.compile(pattern.replace("{mtp_block}", "0"))
+    except re.error as exc:
+        raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+    return pattern
+
+
+Regex = Annotated[str, AfterValidator(_check_regex)]
+
+
+class RemapRule(Frozen):
+    """Maps (full-match regex, `\\1` groups in `to`) or drops source tensors."""
+
+    name: str
+    match: Regex
+    to: Optional[str] = None
+    drop: bool = False
+    optional: bool = False
+    transforms: tuple[str, ...] = ()
+    dtype: Optional[Literal["bfloat16", "float16", "float32", "source"]] = None
+
+    @model_validator(mode="after")
+    def _to_or_drop(self):
+        if (self.to is None) == (not self.drop):
+            raise ValueError(f"rule '{self.name}' needs exactly one of 'to' or 'drop: true'")
+        if self.drop and (self.transforms or self.dtype):
+            raise ValueError(f"rule '{self.name}' drops tensors, so it cannot have transforms or dtype")
+        return self
+
+
+class QuantParams(Frozen):
+    bits: Literal[2, 3, 4, 5, 6, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+    mode: Literal["affine"] = "affine"
+
+
+class QuantRule(Frozen):
+    """Quantization for the quantizable modules (2-D `.weight`) whose module path full-matches."""
+
+    name: str
+    match: Regex
+    quantize: bool = True
+    bits: Optional[Literal[2, 3, 4, 5, 6, 8]] = None
+    group_size: Optional[Literal[32, 64, 128]] = None
+    optional: bool = False
+
+
+class Quantization(Frozen):
+    default: QuantParams = QuantParams()
+    rules: tuple[QuantRule, ...] = ()
+
+
+class Sidecar(Frozen):
+    """Output tensors that go to their own file, outside the model*.safetensors index."""
+
+    match: Regex
+    file: str
+
+    @field_validator("file")
+    @classmethod
+    def _not_model(cls, v: str) -> str:
+        if v.startswith("model") or "/" in v or not v.endswith(".safetensors"):
+            raise ValueError(f"sidecar file {v!r} must be a plain *.safetensors name not starting with 'model'")
+        return v
+
+
+class Output(Frozen):
+    dir: Optional[str] = None
+    max_shard_bytes: int = Field(5 * 2**30, gt=0)
+    sidecars: tuple[Sidecar, ...] = ()
+    copy_files: tuple[str, ...] = ()
+
+
+class ConfigEdits(Frozen):
+    """Edits to the body's config.json: keys dropped (dotted paths) and keys set."""
+
+    drop: tuple[str, ...] = ()
+    set: dict[str, Any] = {}
+
+
+class VerifyStep(Frozen):
+    step: Literal["structural", "norms", "load", "parity", "mtp"]
+    params: dict[str, Any] = {}
+
+
+class Recipe(Frozen):
+    name: str
+    description: str = ""
+    sources: dict[str, Source] = {}
+    remap: dict[str, tuple[RemapRule, ...]] = {}
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quantization: Quantization = Quantization()
+    output: Output = Output()
+    config: ConfigEdits = ConfigEdits()
+    runtime: dict[str, Any] = {}
+    verify: tuple[VerifyStep, ...] = ()
+    # Not part of the user's YAML: filled in by the loader.
+    recipe_file: str = ""
+    recipe_files: tuple[str, ...] = ()
+
+    def table_for(self, role: str) -> str:
+        return self.sources[role].table or role
+
+    def output_dir(self) -> Path:
+        if self.output.dir:
+            return Path(self.output.dir)
+        return Path("build") / self.name
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+class _LineLoader(yaml.SafeLoader):
+    """Safe loader that records the line of every mapping key and rejects duplicate keys."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False):
+    mapping: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+        loader.key_lines[(id(mapping), key)] = key_node.start_mark.line + 1
+    loader.node_of[id(mapping)] = mapping
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict]:
+    """Parse one YAML file; return (data, lines) with lines[(key path tuple)] = line number."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    loader = _LineLoader(text)
+    loader.key_lines, loader.node_of = {}, {}
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        if "could not determine a constructor" in str(problem):
+            problem = f"YAML tags are not allowed ({problem.split('tag')[-1].strip()})"
+        raise RecipeError(f"{path}{line}: {problem}") from None
+    finally:
+        loader.dispose()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1: a recipe must be a YAML mapping, got {type(data).__name__}")
+    lines: dict[tuple, int] = {}
+
+    def walk(obj, prefix):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                line = loader.key_lines.get((id(obj), k))
+                if line:
+                    lines[prefix + (k,)] = line
+                walk(v, prefix + (k,))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, prefix + (i,))
+
+    walk(data, ())
+    return data, lines
+
+
+def _merge(parent: Any, child: Any) -> Any:
+    if isinstance(parent, dict) and isinstance(child, dict):
+        merged = dict(parent)
+        for k, v in child.items():
+            merged[k] = _merge(parent[k], v) if k in parent else v
+        return merged
+    return child
+
+
+def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
+    """A recipe name (`qwythos-9b`) or a path (`x/y.yaml`) → the recipe file."""
+    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
+        candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
+    else:
+        dirs = [d for d in (relative_to, Path.cwd() / "recipes", PACKAGED_RECIPES) if d is not None]
+        candidates = [d / f"{ref}.yaml" for d in dirs]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise RecipeError(f"recipe '{ref}' not found (looked at {', '.join(str(c) for c in candidates)})")
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[tuple, tuple[Path, int]], tuple[Path, ...]]:
+    if path in seen:
+        cycle = " -> ".join(p.name for p in seen + (path,))
+        raise RecipeError(f"{seen[-1]}: 'extends' forms a cycle: {cycle}")
+    data, lines = _read_yaml(path)
+    where = {k: (path, line) for k, line in lines.items()}
+    files = (path,)
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        return _resolve_paths(data, path), where, files
+    if not isinstance(base_ref, str):
+        raise RecipeError(f"{path}:{lines.get(('extends',), 1)}: 'extends' must be a recipe name or path")
+    try:
+        base_path = find_recipe(base_ref, path.parent)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}:{lines.get(('extends',), 1)}: extends: {exc}") from None
+    base, base_where, base_files = _load_chain(base_path, seen + (path,))
+    base.pop("name", None)  # a name is never inherited
+    merged = _merge(base, _resolve_paths(data, path))
+    return merged, {**base_where, **where}, base_files + files
+
+
+def _resolve_paths(data: dict, recipe_path: Path) -> dict:
+    """Local source paths and the output dir are relative to the recipe file that names them."""
+    data = dict(data)
+    sources = data.get("sources")
+    if isinstance(sources, dict):
+        sources = {k: dict(v) if isinstance(v, dict) else v for k, v in sources.items()}
+        for spec in sources.values():
+            if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+                spec["path"] = str((recipe_path.parent / os.path.expanduser(spec["path"])).resolve())
+        data["sources"] = sources
+    output = data.get("output")
+    if isinstance(output, dict) and isinstance(output.get("dir"), str):
+        output = dict(output)
+        output["dir"] = str((recipe_path.parent / os.path.expanduser(output["dir"])).resolve())
+        data["output"] = output
+    return data
+
+
+def _locate(where: dict, loc: tuple, default: Path) -> str:
+    for n in range(len(loc), 0, -1):
+        hit = where.get(tuple(loc[:n]))
+        if hit:
+            return f"{hit[0]}:{hit[1]}"
+    return f"{default}"
+
+
+def load_recipe(ref: str | Path) -> Recipe:
+    """Load, merge and validate a recipe given by name or path."""
+    path = find_recipe(str(ref))
+    data, where, files = _load_chain(path, ())
+    data["recipe_file"] = str(path)
+    data["recipe_files"] = tuple(str(f) for f in files)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+        raise RecipeError(f"{_locate(where, loc, path)}: {key}: {msg}{more}") from None
+    _check_tables(recipe, where, path)
+    return recipe
+
+
+def _check_tables(recipe: Recipe, where: dict, path: Path) -> None:
+    """Cross-field checks pydantic cannot express on one field."""
+    from .transforms import TRANSFORMS
+
+    for role, source in recipe.sources.items():
+        table = recipe.table_for(role)
+        if table not in recipe.remap:
+            raise RecipeError(f"{_locate(where, ('sources', role), path)}: sources.{role}: no remap table '{table}'")
+    for table, rules in recipe.remap.items():
+        if not rules:
+            raise RecipeError(f"{_locate(where, ('remap', table), path)}: remap.{table}: empty rule list")
+        for i, rule in enumerate(rules):
+            for t in rule.transforms:
+                if t not in TRANSFORMS:
+                    known = ", ".join(sorted(TRANSFORMS))
+                    raise RecipeError(
+                        f"{_locate(where, ('remap', table, i, 'transforms'), path)}: remap.{table}[{i}].transforms: "
+                        f"unknown transform '{t}' (known: {known})"
+                    )
+
+
+def recipe_line(recipe: Recipe, *key: Any) -> str:
+    """'file:line' of a key path in a loaded recipe (best effort, for plan-time errors)."""
+    where: dict = {}
+    for f in recipe.recipe_files:
+        _, lines = _read_yaml(Path(f))
+        where.update({k: (Path(f), v) for k, v in lines.items()})
+    return _locate(where, key, Path(recipe.recipe_file))

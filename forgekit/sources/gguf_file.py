@@ -1,0 +1,95 @@
+"""GGUF source via gguf-py's memory-mapped reader.
+
+BF16/F16/F32 tensors are read exactly; quantized types (Q8_0, K-quants, ...) are
+dequantized with `gguf.quants` and flagged in `TensorInfo.stored_as`, so the
+provenance can say "dequantised Q8_0" instead of pretending to be bf16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import SourceError
+from .base import TensorInfo, TensorSource
+
+EXACT_TYPES = {"F32": ("float32", np.float32, None), "F16": ("float16", np.float16, None), "BF16": ("bfloat16", np.uint16, mx.bfloat16)}
+
+
+def _field_value(field):
+    """A GGUF key/value as a plain Python value (str, int, float, bool or list)."""
+    import gguf
+
+    types = field.types
+    if not types:
+        return None
+    if types[0] == gguf.GGUFValueType.ARRAY:
+        if len(types) > 1 and types[1] == gguf.GGUFValueType.STRING:
+            return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+        return [field.parts[i].tolist()[0] for i in field.data]
+    if types[0] == gguf.GGUFValueType.STRING:
+        return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+    return field.parts[field.data[0]].tolist()[0]
+
+
+class GGUFSource(TensorSource):
+    def __init__(self, role: str, path: Path):
+        import gguf
+
+        path = Path(path)
+        if not path.is_file():
+            raise SourceError(f"{path}: GGUF source does not exist")
+        try:
+            self.reader = gguf.GGUFReader(path)
+        except (ValueError, IndexError, OSError) as exc:
+            raise SourceError(f"{path}: not a readable GGUF file ({exc})") from None
+        super().__init__(role=role, files=[path], root=None)
+        size = path.stat().st_size
+        for key, field in self.reader.fields.items():
+            if key.startswith("GGUF.") or key.startswith("tokenizer.ggml."):
+                continue  # file bookkeeping and the large vocab arrays
+            self.metadata[key] = _field_value(field)
+        self._tensors = {}
+        for t in self.reader.tensors:
+            type_name = t.tensor_type.name
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne order -> [out, in]
+            if t.data_offset + t.n_bytes > size:
+                raise SourceError(f"{path}: tensor '{t.name}' data runs past the end of the file (truncated?)")
+            dtype = EXACT_TYPES[type_name][0] if type_name in EXACT_TYPES else "float32"
+            self.tensors[t.name] = TensorInfo(t.name, shape, dtype, int(t.n_bytes), str(path), type_name)
+            self._tensors[t.name] = t
+
+    @property
+    def architecture(self) -> str:
+        return str(self.metadata.get("general.architecture", ""))
+
+    def mtp_block(self) -> int:
+        """Index N of the `blk.N.nextn.*` block: block_count - nextn_predict_layers."""
+        arch = self.architecture
+        count = self.metadata.get(f"{arch}.block_count")
+        nextn = self.metadata.get(f"{arch}.nextn_predict_layers")
+        if not isinstance(count, int) or not isinstance(nextn, int) or nextn < 1:
+            raise SourceError(
+                f"{self.files[0]}: GGUF declares no MTP head ({arch}.nextn_predict_layers is {nextn!r})"
+            )
+        return count - nextn
+
+    def read(self, key: str, rows: slice | None = None) -> mx.array:
+        import gguf
+
+        t = self._tensors[key]
+        shape = self.tensors[key].shape
+        type_name = t.tensor_type.name
+        if type_name in EXACT_TYPES:
+            _, np_dtype, view = EXACT_TYPES[type_name]
+            arr = np.asarray(t.data).view(np_dtype).reshape(shape)
+            if rows is not None:
+                arr = arr[rows]
+            out = mx.array(np.ascontiguousarray(arr))
+            return out.view(view) if view is not None else out
+        arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+        if rows is not None:
+            arr = arr[rows]
+        return mx.array(np.ascontiguousarray(arr, dtype=np.float32))
