@@ -3,9 +3,10 @@ task generator that turns user mistakes into one clear line and exit code 2."""
 
 from __future__ import annotations
 
+import os
 import sys
 
-import os
+from pathlib import Path
 
 from doit.dependency import FileChangedChecker
 
@@ -39,11 +40,40 @@ DOIT_CONFIG = {
 }
 
 
-def recipe_tasks(recipe_ref: str):
-    from .tasks import build_tasks
+def state_file(recipe_ref: str) -> Path:
+    """doit's state for one output dir: cache/state/<dir name>-<xxh3 of its path>.sqlite3.
+
+    One state file per output keeps task names short (`build:shard:model.safetensors`)
+    while recipes sharing a cache never overwrite each other's recorded keys.
+    """
+    import xxhash
+
+    from .recipe import load_recipe
+
+    out = load_recipe(recipe_ref).output_dir().resolve()
+    return cache_root() / "state" / f"{out.name}-{xxhash.xxh3_64_hexdigest(str(out).encode())}.sqlite3"
+
+
+def doit_config(recipe_ref: str) -> dict:
+    """DOIT_CONFIG for `recipe=...` (a recipe error is one line on stderr and exit code 2)."""
+    try:
+        path = state_file(recipe_ref)
+    except ForgeError as exc:
+        print(f"forgekit: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return {**DOIT_CONFIG, "dep_file": str(path)}
+
+
+def recipe_tasks(recipe_ref: str, locked: bool = False):
+    from .tasks import build_tasks, plan_for
 
     try:
         tasks = list(build_tasks(recipe_ref))
+        if locked:  # sources must be exactly those <output>.lock.json records (forgekit/lock.py)
+            from .lock import check_lock
+
+            check_lock(plan_for(recipe_ref))
     except ForgeError as exc:
         print(f"forgekit: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

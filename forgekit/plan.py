@@ -90,18 +90,34 @@ def _placeholders(source: TensorSource) -> dict[str, str]:
     return {}
 
 
+def check_output_location(recipe: Recipe) -> None:
+    """The output dir is replaced wholesale on publish: it must never contain or sit in a source."""
+    out = recipe.output_dir().resolve()
+    for role, spec in recipe.sources.items():
+        if spec.path is None:
+            continue
+        src = Path(spec.path).resolve()
+        src_dir = src if src.is_dir() else src.parent
+        if out == src_dir or src_dir in out.parents or out in src.parents:
+            raise PlanError(f"{recipe_line(recipe, 'output', 'dir')}: output.dir {out} overlaps source "
+                            f"'{role}' ({src}); the build replaces its output dir, so keep them apart")
+
+
 def open_sources(recipe: Recipe) -> tuple[dict[str, TensorSource], list[dict]]:
     if "body" not in recipe.sources:
         raise PlanError(f"{recipe.recipe_file}: sources.body: the recipe names no body source")
+    check_output_location(recipe)
     opened, provenance = {}, []
     for role, spec in recipe.sources.items():
         rules = recipe.remap[recipe.table_for(role)]
         holder: dict = {}
 
-        def keep(name, rules=rules, holder=holder):
-            if "table" not in holder:
-                holder["table"] = Table(rules)
-            return holder["table"].keeps(name)
+        def keep(name, placeholders=None, rules=rules, holder=holder):
+            # placeholders: e.g. {"mtp_block": "32"} once a GGUF header is known (remote byte-range fetch)
+            slot = tuple(sorted((placeholders or {}).items()))
+            if slot not in holder:
+                holder[slot] = Table(rules, placeholders)
+            return holder[slot].keeps(name)
 
         source, prov = open_source(role, spec, keep)
         opened[role] = source
@@ -192,27 +208,61 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
     )
 
 
+_LAYER = re.compile(r".*?\.layers\.\d+\.")
+
+
+def layout_group(key: str) -> str:
+    """Tensors that always share a shard: one decoder layer (`...layers.N.*`), else the tensor alone."""
+    m = _LAYER.match(key)
+    return m.group(0) if m else key
+
+
+def bound_bytes(t: TensorPlan) -> int:
+    """Size of `t` stored unquantized: an upper bound of its stored size under any quantization
+    (a quantized matrix, scales and biases included, is never larger than the float one)."""
+    n = ITEMSIZE[t.dtype]
+    for d in t.shape:
+        n *= d
+    return n
+
+
 def _layout(recipe: Recipe, tensors: list[TensorPlan]):
-    """Assign files: sidecars by rule, the rest to model shards of at most max_shard_bytes."""
+    """Assign files: sidecars by rule, the rest to model shards of at most max_shard_bytes.
+
+    Stable shard boundaries (forgekit/README "Performance"): whole layer groups are packed
+    in order by `bound_bytes`, which depends on names, shapes and float dtypes only, never
+    on quantization. So changing a quantization rule changes the bytes of exactly the shards
+    holding the tensors it matches and moves no tensor to another shard; a layer is split
+    only if it alone exceeds the budget. Shards never exceed max_shard_bytes; quantized to
+    4 bits they come out at about a third of it.
+    """
     from dataclasses import replace
 
     sidecar_patterns = [(re.compile(s.match), s.file) for s in recipe.output.sidecars]
     sidecar: dict[str, list[TensorPlan]] = {}
-    trunk: list[TensorPlan] = []
+    groups: dict[str, list[TensorPlan]] = {}
     for t in tensors:
         target = next((f for p, f in sidecar_patterns if p.fullmatch(t.key)), None)
         if target:
             sidecar.setdefault(target, []).append(t)
         else:
-            trunk.append(t)
+            groups.setdefault(layout_group(t.key), []).append(t)
+    budget = recipe.output.max_shard_bytes
+    units: list[list[TensorPlan]] = []
+    for group in groups.values():
+        if sum(bound_bytes(t) for t in group) <= budget:
+            units.append(group)
+        else:
+            units.extend([t] for t in group)
     shards: list[list[TensorPlan]] = []
     size = 0
-    for t in trunk:
-        if not shards or size + t.nbytes() > recipe.output.max_shard_bytes:
+    for unit in units:
+        unit_size = sum(bound_bytes(t) for t in unit)
+        if not shards or (shards[-1] and size + unit_size > budget):
             shards.append([])
             size = 0
-        shards[-1].append(t)
-        size += t.nbytes()
+        shards[-1].extend(unit)
+        size += unit_size
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     files: dict[str, list[TensorPlan]] = {}

@@ -33,6 +33,9 @@ class Source(Frozen):
     revision: Optional[str] = None
     file: Optional[str] = None
     table: Optional[str] = Field(None, description="remap table for this source; default: the source's role name")
+    fetch: Optional[Literal["ranges", "full"]] = Field(
+        None, description="a GGUF file in a repo: 'ranges' reads the header and only the needed tensors by HTTP "
+                          "byte range (the default for *.gguf), 'full' downloads the whole file")
 
     @model_validator(mode="after")
     def _one_location(self):
@@ -40,6 +43,8 @@ class Source(Frozen):
             raise ValueError("give exactly one of 'path' or 'repo'")
         if self.path is not None and (self.revision or self.file):
             raise ValueError("'revision' and 'file' only go with 'repo'")
+        if self.fetch is not None and not (self.file and self.file.endswith(".gguf")):
+            raise ValueError("'fetch' only goes with a 'repo' and a '.gguf' 'file'")
         return self
 
 
@@ -110,11 +115,17 @@ class Sidecar(Frozen):
         return v
 
 
+def _plain_file_name(name: str) -> str:
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ValueError(f"{name!r} must be a plain file name inside the output dir")
+    return name
+
+
 class Output(Frozen):
     dir: Optional[str] = None
     max_shard_bytes: int = Field(5 * 2**30, gt=0)
     sidecars: tuple[Sidecar, ...] = ()
-    copy_files: tuple[str, ...] = ()
+    copy_files: tuple[Annotated[str, AfterValidator(_plain_file_name)], ...] = ()
 
 
 class ConfigEdits(Frozen):
@@ -211,6 +222,10 @@ def _read_yaml(path: Path) -> tuple[dict, dict]:
                 walk(v, prefix + (k,))
         elif isinstance(obj, list):
             for i, v in enumerate(obj):
+                if isinstance(v, dict) and v:  # a list item's line: its first key's line
+                    first = loader.key_lines.get((id(v), next(iter(v))))
+                    if first:
+                        lines[prefix + (i,)] = first
                 walk(v, prefix + (i,))
 
     walk(data, ())
@@ -257,6 +272,10 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[tuple, t
         raise RecipeError(f"{path}:{lines.get(('extends',), 1)}: extends: {exc}") from None
     base, base_where, base_files = _load_chain(base_path, seen + (path,))
     base.pop("name", None)  # a name is never inherited
+    if isinstance(data.get("sources"), dict) and isinstance(base.get("sources"), dict):
+        # A source the child names replaces the parent's whole (never merged key by key): a child
+        # switching `path` -> `repo`, or a GGUF head -> an HF head, must not inherit `file`/`table`.
+        base["sources"] = {k: v for k, v in base["sources"].items() if k not in data["sources"]}
     merged = _merge(base, _resolve_paths(data, path))
     return merged, {**base_where, **where}, base_files + files
 

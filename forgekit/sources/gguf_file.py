@@ -72,7 +72,8 @@ class GGUFSource(TensorSource):
         nextn = self.metadata.get(f"{arch}.nextn_predict_layers")
         if not isinstance(count, int) or not isinstance(nextn, int) or nextn < 1:
             raise SourceError(
-                f"{self.files[0]}: GGUF declares no MTP head ({arch}.nextn_predict_layers is {nextn!r})"
+                f"{self.files[0]}: GGUF architecture '{arch}' declares no MTP head "
+                f"({arch}.nextn_predict_layers is {nextn!r}, {arch}.block_count is {count!r})"
             )
         return count - nextn
 

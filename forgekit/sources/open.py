@@ -10,6 +10,7 @@ from ..recipe import Source
 from . import hub
 from .base import TensorSource
 from .gguf_file import GGUFSource
+from .remote_gguf import open_remote_gguf
 from .safetensors_dir import SafetensorsSource
 
 
@@ -28,6 +29,9 @@ def open_source(role: str, spec: Source, keep: Callable[[str], bool]) -> tuple[T
     if spec.path is not None:
         source = _open_path(role, Path(spec.path))
         return source, {"role": role, "path": spec.path}
+    if spec.file and spec.file.endswith(".gguf"):
+        # header + needed tensors by HTTP byte range (or a cached / full copy): remote_gguf.py
+        return open_remote_gguf(role, spec.repo, spec.file, spec.revision, keep, spec.fetch)
     if spec.file:
         local = hub.fetch_file(spec.repo, spec.revision, spec.file)
         source = _open_path(role, local)

@@ -1,5 +1,11 @@
 """Verification steps: each takes the assembled directory and the plan, returns a
-result dict {step, passed, summary, ...} or raises VerifyError naming the cause."""
+result dict {step, passed, summary, ...} or raises VerifyError naming the cause.
+
+Steps (module forgekit.verify.<step>, function run(directory, plan, params)):
+structural, norms, load, parity, mtp. `verify_directory` runs a recipe's steps on an
+existing directory (for `forgekit verify DIR --recipe R`); `report_table` renders
+results for the end of a build.
+"""
 
 from __future__ import annotations
 
@@ -23,3 +29,62 @@ def run_step(step: VerifyStep, directory: Path, plan) -> dict:
     if not result["passed"]:
         raise VerifyError(step.step, result.get("cause", "check failed"))
     return result
+
+
+def verify_directory(directory: Path | str, recipe_ref: str) -> dict:
+    """Plan `recipe_ref` and run all its verify steps on `directory`; print a table.
+
+    Returns the report {passed, steps, summary, results} (the shape of the build's
+    forgekit-report.json). Raises VerifyError at the first failing step, after
+    printing the table of the steps that ran.
+    """
+    from ..tasks import plan_for
+
+    directory = Path(directory)
+    plan = plan_for(str(recipe_ref))
+    results = []
+    for step in plan.recipe.verify:
+        try:
+            results.append(run_step(step, directory, plan))
+        except VerifyError as exc:
+            results.append({"step": step.step, "passed": False, "cause": exc.cause})
+            print(report_table(results), flush=True)
+            raise
+    print(report_table(results), flush=True)
+    return {"passed": True, "steps": [r["step"] for r in results],
+            "summary": {r["step"]: r.get("summary", {}) for r in results}, "results": results}
+
+
+def _headline(result: dict) -> str:
+    """The few numbers that say how a step went, in one line."""
+    s = result.get("summary", {})
+    step = result["step"]
+    if not result.get("passed", False):
+        return result.get("cause", "failed")
+    if step == "mtp":
+        acc = "/".join(f"{a:.3f}" for a in s.get("acceptance", []))
+        return (f"acceptance by depth {acc}, mean accepted {s.get('mean_accepted')}/round over "
+                f"{s.get('rounds')} rounds ({s.get('trunk_tokens')} trunk tokens)")
+    if step == "parity":
+        return f"top-1 {s.get('top1')}, mean KL {s.get('mean_kl')} nats over {s.get('positions')} positions"
+    if step == "norms":
+        return (f"{s.get('norms_checked')} norms match their source (max dev {s.get('max_abs_deviation')}), "
+                f"first trunk q_norm mean {s.get('trunk_q_norm_mean_first')}, head zero-centred: "
+                f"{s.get('head_detector_zero_centred')}")
+    return ", ".join(f"{k} {v}" for k, v in s.items() if not isinstance(v, (dict, list)))
+
+
+def report_table(results: list[dict]) -> str:
+    """A readable table of verify results (one row per step), for the end of a build."""
+    rows = [("step", "result", "seconds", "details")]
+    for r in results:
+        rows.append((r["step"], "ok" if r.get("passed") else "FAILED",
+                     f"{r['seconds']:.1f}" if "seconds" in r else "-", _headline(r)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["verification:"]
+    for i, row in enumerate(rows):
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+        if i == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths) + "  " + "-" * 7)
+    return "\n".join(lines)
+

@@ -55,16 +55,25 @@ def run(directory: Path, plan, params: dict) -> dict:
 
     # Head: exact key set, bf16, shapes from config.
     head, _ = read_header(directory / head_file)
+    head_dtype = params.get("head_dtype", "BF16")
+    packed = sorted(k for k in head if k.endswith((".scales", ".biases")) or head[k]["dtype"] == "U32")
+    if packed:
+        bits = config.get("quantization", {}).get("bits", "?")
+        return _fail(f"{head_file}: the head is quantized ({len(packed)} packed/scale tensors, e.g. '{packed[0]}'; "
+                     f"trunk default {bits}-bit), the recipe demands {head_dtype}")
     want = expected_head(config)
     missing = sorted(set(want) - set(head))
     extra = sorted(set(head) - set(want))
+    if missing and extra and {f"mtp.{k}" for k in extra} >= set(missing):
+        return _fail(f"{head_file}: head keys lack the 'mtp.' prefix (e.g. '{extra[0]}'); MTPLX would load nothing")
     if missing or extra:
-        return _fail(f"{head_file}: head keys differ from the 15 mtp.* keys (missing {missing[:3]}, unexpected {extra[:3]})")
+        return _fail(f"{head_file}: head keys differ from the {len(want)} mtp.* keys "
+                     f"(missing {missing[:3]}, unexpected {extra[:3]})")
     for k, shape in want.items():
         if tuple(head[k]["shape"]) != shape:
             return _fail(f"{head_file}: '{k}' has shape {head[k]['shape']}, config says {list(shape)}")
-        if head[k]["dtype"] != params.get("head_dtype", "BF16"):
-            return _fail(f"{head_file}: '{k}' is {head[k]['dtype']}, the recipe demands {params.get('head_dtype', 'BF16')} (quantized or mis-cast head)")
+        if head[k]["dtype"] != head_dtype:
+            return _fail(f"{head_file}: '{k}' is {head[k]['dtype']}, the recipe demands {head_dtype} (mis-cast head)")
 
     # Trunk: files, index, no mtp.*, module tree, layouts, quantization.
     shards = sorted(directory.glob("model*.safetensors"))

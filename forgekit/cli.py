@@ -1,0 +1,426 @@
+"""`forgekit` command line: validate, plan, inspect, new, lock, verify.
+
+Every user-fixable problem is a ForgeError: one line `forgekit: ...` on stderr, exit 2.
+Builds themselves run through doit (`doit build recipe=NAME [locked=1]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import ForgeError
+
+DEFAULT_BASE = "qwen3.5-dense-mtp"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# org/name[/path/in/repo.gguf][@revision]
+HUB_RE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^@]+))?(?:@(?P<rev>[\w./-]+))?")
+
+
+# ---------------------------------------------------------------- output helpers
+
+
+def _console(stream=None):
+    from rich.console import Console
+
+    stream = stream or sys.stdout
+    width = None if stream.isatty() else max(160, shutil.get_terminal_size((160, 24)).columns)
+    return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _where(src: dict) -> str:
+    if src.get("path"):
+        return f"path {src['path']}"
+    text = f"repo {src['repo']}@{src.get('revision', 'main')}"
+    if src.get("commit"):
+        text += f" (commit {src['commit'][:12]})"
+    if src.get("file"):
+        text += f" file {src['file']}"
+    if src.get("fetch") == "ranges":
+        text += " [byte ranges]"
+    return text
+
+
+# ---------------------------------------------------------------- plan / validate
+
+
+def _plan(recipe_ref: str, locked: bool = False):
+    from .plan import make_plan
+    from .recipe import load_recipe
+
+    plan = make_plan(load_recipe(recipe_ref))
+    if locked:
+        from .lock import check_lock
+
+        check_lock(plan)
+    return plan
+
+
+def cmd_validate(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    result = {"valid": True, "recipe": recipe.name, "recipe_file": recipe.recipe_file,
+              "recipe_chain": list(recipe.recipe_files), "output_dir": str(recipe.output_dir()),
+              "checked": "schema" if args.schema_only else "schema+sources"}
+    if not args.schema_only:
+        from .inspect_source import plan_report
+
+        report = plan_report(_plan(args.recipe, args.locked))
+        result.update({k: report[k] for k in ("sources", "files", "tensor_count", "total_bytes", "dropped", "warnings")})
+    if args.json:
+        _print_json(result)
+        return 0
+    chain = " -> ".join(Path(f).name for f in recipe.recipe_files)
+    print(f"ok: recipe '{recipe.name}' is valid ({recipe.recipe_file})")
+    print(f"  chain:   {chain}")
+    print(f"  output:  {result['output_dir']}")
+    if args.schema_only:
+        print("  sources: not opened (--schema-only)")
+        return 0
+    for s in result["sources"]:
+        print(f"  source {s['role']}: {_where(s)}: {s['tensors']} tensors, {s['mapped']} mapped, {s['dropped']} dropped")
+    files = ", ".join(f"{n} ({f['tensors']} tensors, {human(f['bytes'])})" for n, f in result["files"].items())
+    print(f"  output files: {files}")
+    for w in result["warnings"]:
+        print(f"  warning: {w}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from rich.table import Table
+
+    from .inspect_source import plan_report
+
+    report = plan_report(_plan(args.recipe, args.locked))
+    if args.json:
+        _print_json(report)
+        return 0
+    con = _console()
+    con.print(f"plan for recipe '{report['recipe']}' ({report['recipe_file']}) -> {report['output_dir']}")
+    for s in report["sources"]:
+        line = f"  source {s['role']}: {_where(s)}: {s['tensors']} tensors ({s['mapped']} mapped, {s['dropped']} dropped"
+        dropped = report["dropped"].get(s["role"], {})
+        if dropped:
+            line += ": " + ", ".join(f"{n} by '{r}'" for r, n in sorted(dropped.items()))
+        con.print(line + ")", markup=False)
+        if s.get("remote", {}).get("header_bytes") is not None:
+            r = s["remote"]
+            con.print(f"    byte ranges: header {human(r['header_bytes'])} + {r['fetched_tensors']} tensors "
+                      f"{human(r['fetched_bytes'])} of a {human(r['size'] or 0)} file", markup=False)
+    if not args.summary:
+        for name, info in report["files"].items():
+            table = Table(title=f"{name}  ({info['tensors']} tensors, {human(info['bytes'])}"
+                                f"{', indexed' if info['indexed'] else ', sidecar (not indexed)'})",
+                          title_justify="left", show_footer=True)
+            rows = [r for r in report["tensors"] if r["file"] == name]
+            table.add_column("output tensor", footer="total", no_wrap=True)
+            table.add_column("source", no_wrap=True)
+            table.add_column("transforms")
+            table.add_column("quantization")
+            table.add_column("shape")
+            table.add_column("bytes", justify="right", footer=str(info["bytes"]))
+            for r in rows:
+                src = r["source"] + (f" [{r['stored_as']}]" if r["stored_as"] else "")
+                table.add_row(r["output"], src, ", ".join(r["transforms"]) or "-",
+                              f"{r['quant']} ({r['quant_rule']})", "x".join(map(str, r["shape"])), str(r["bytes"]))
+            con.print(table, markup=False)
+    totals = Table(title="totals per file", title_justify="left", show_footer=True)
+    totals.add_column("file", footer="all files")
+    totals.add_column("tensors", justify="right", footer=str(report["tensor_count"]))
+    totals.add_column("quantized", justify="right")
+    totals.add_column("bytes", justify="right", footer=str(report["total_bytes"]))
+    totals.add_column("size", justify="right", footer=human(report["total_bytes"]))
+    totals.add_column("index")
+    for name, info in report["files"].items():
+        totals.add_row(name, str(info["tensors"]), str(info["quantized"]), str(info["bytes"]), human(info["bytes"]),
+                       "indexed" if info["indexed"] else "sidecar")
+    con.print(totals, markup=False)
+    if report["warnings"]:
+        con.print(f"warnings ({len(report['warnings'])}):")
+        for w in report["warnings"]:
+            con.print(f"  ! {w}", markup=False)
+    else:
+        con.print("warnings: none")
+    return 0
+
+
+# ---------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args) -> int:
+    from rich.table import Table
+
+    from .inspect_source import inspect
+
+    info = inspect(args.source, revision=args.revision, file=args.file, norms=args.norms, stats=args.stats)
+    if args.json:
+        _print_json(info)
+        return 0
+    con = _console()
+    con.print(f"{info['source']}: {info['format']}, {len(info['files'])} file(s), {info['tensor_count']} tensors, "
+              f"{human(info['total_bytes'])}", markup=False)
+    if info["unread"]:
+        con.print(f"  ({len(info['unread'])} more tensors listed in the index live in shards not downloaded)")
+    con.print("metadata:")
+    for k, v in info["metadata"].items():
+        con.print(f"  {k} = {v}", markup=False)
+    m = info["mtp"]
+    if m.get("declared") or m.get("tensors"):
+        where = f"block blk.{m['block']} " if "block" in m else ""
+        types = f" ({', '.join(m['stored_as'])})" if m.get("stored_as") else ""
+        con.print(f"MTP head: {where}{m['tensors']} tensors{types}", markup=False)
+    else:
+        con.print("MTP head: none declared")
+    if m.get("note"):
+        con.print(f"  ! {m['note']}", markup=False)
+    if not args.summary:
+        table = Table(show_footer=True)
+        table.add_column("tensor", footer="total", no_wrap=True)
+        table.add_column("shape")
+        table.add_column("dtype")
+        table.add_column("stored as")
+        table.add_column("bytes", justify="right", footer=str(info["total_bytes"]))
+        table.add_column("file")
+        for t in info["tensors"]:
+            if args.match and not re.search(args.match, t["name"]):
+                continue
+            table.add_row(t["name"], "x".join(map(str, t["shape"])), t["dtype"], t["stored_as"], str(t["bytes"]), t["file"])
+        con.print(table, markup=False)
+    if "norms" in info:
+        n = info["norms"]
+        con.print("norm gains (mean):")
+        for k, v in n["means"].items():
+            con.print(f"  {k} = {v}", markup=False)
+        if "head" in n:
+            h = n["head"]
+            con.print(f"MTP head norms look {h['convention']}: max q/k norm mean {h['max_qk_norm_mean']}, "
+                      f"min input/post/pre_fc mean {h['min_input_post_prefc_mean']}", markup=False)
+        if "final_norm_mean" in n:
+            con.print(f"final norm mean {n['final_norm_mean']}: {n['final_norm_convention']}", markup=False)
+    for k, s in info.get("stats", {}).items():
+        con.print(f"stats {k}: mean {s['mean']:.6g} std {s['std']:.6g} min {s['min']:.6g} max {s['max']:.6g}", markup=False)
+    return 0
+
+
+# ---------------------------------------------------------------- new
+
+
+def _source_spec(value: str, role: str) -> dict:
+    """A CLI source argument -> a recipe source mapping."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return {"path": str(path.resolve())}
+    m = HUB_RE.fullmatch(value)
+    if m:
+        spec = {"repo": m.group("repo"), "revision": m.group("rev") or "main"}
+        if m.group("file"):
+            spec["file"] = m.group("file")
+        return spec
+    raise ForgeError(f"--{role} {value}: neither an existing path nor an HF repo (org/name[/file.gguf][@revision])")
+
+
+def _is_gguf(spec: dict) -> bool:
+    return (spec.get("path") or spec.get("file") or "").endswith(".gguf")
+
+
+def _flow(spec: dict) -> str:
+    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in spec.items()) + "}"
+
+
+def recipe_text(name: str, base: str, body: dict, mtp: dict, output: str | None, description: str) -> str:
+    lines = [f"# Recipe written by `forgekit new`. Check it with `forgekit validate` / `forgekit plan`,",
+             f"# build it with `doit build recipe={name}`. Everything not named here comes from {base}.",
+             f"extends: {base}", f"name: {name}"]
+    if description:
+        lines.append(f"description: {json.dumps(description)}")
+    lines += ["sources:", f"  body: {_flow(body)}",
+              f"  mtp:  {_flow(mtp)}" + ("" if _is_gguf(mtp) else "   # head in HF convention (mtp.* keys)")]
+    if output:
+        lines.append(f"output: {{dir: {json.dumps(output)}}}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_new(args) -> int:
+    if not NAME_RE.fullmatch(args.name):
+        raise ForgeError(f"recipe name '{args.name}' must be letters, digits, '.', '_' or '-' (it names the file)")
+    body = _source_spec(args.body, "body")
+    if args.mtp == "body":
+        mtp = dict(body)
+    else:
+        mtp = _source_spec(args.mtp, "mtp")
+    if not _is_gguf(mtp):
+        mtp["table"] = "mtp_hf"
+    if "file" in body:
+        raise ForgeError(f"--body {args.body}: the body is a model repo or directory, not a single file")
+    target = Path(args.out) if args.out else Path(args.dir) / f"{args.name}.yaml"
+    target = target.resolve()
+    if target.exists() and not args.force:
+        raise ForgeError(f"{target} already exists (use --force to overwrite)")
+    output = str(Path(args.output).expanduser().resolve()) if args.output else None
+    text = recipe_text(args.name, args.base, body, mtp, output, args.description or "")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.stem}.new-{os.getpid()}.yaml"  # validated before it takes the name
+    try:
+        tmp.write_text(text)
+        summary = ""
+        if not args.no_validate:
+            try:
+                from .inspect_source import plan_report
+
+                report = plan_report(_plan(str(tmp)))
+            except ForgeError as exc:
+                msg = str(exc).replace(str(tmp), str(target))
+                raise type(exc)(f"{msg} [recipe not written; fix the sources or pass --no-validate]") from None
+            summary = (f"validated: {report['tensor_count']} output tensors in {len(report['files'])} files "
+                       f"({human(report['total_bytes'])})")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {target}")
+    print(text.rstrip())
+    if summary:
+        print(summary)
+    ref = args.name if target.parent == (Path.cwd() / "recipes").resolve() else str(target)
+    print(f"build it: doit build recipe={ref}")
+    return 0
+
+
+# ---------------------------------------------------------------- lock
+
+
+def cmd_lock(args) -> int:
+    from .lock import check_lock, lock_data, lock_path, write_lock
+    from .plan import make_plan
+    from .recipe import load_recipe
+
+    plan = make_plan(load_recipe(args.recipe))
+    path = Path(args.lock) if args.lock else lock_path(plan.recipe)
+    if args.check:
+        check_lock(plan, path)
+        print(f"ok: sources match {path}")
+        return 0
+    write_lock(plan, path)
+    data = lock_data(plan)
+    print(f"wrote {path}")
+    for role, s in data["sources"].items():
+        print(f"  {role}: {_where(s)}: {len(s['files'])} files")
+    return 0
+
+
+# ---------------------------------------------------------------- verify
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify_directory
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise ForgeError(f"{directory}: not a directory")
+    redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
+    with redirect:
+        report = verify_directory(directory, args.recipe)
+    if args.json:
+        _print_json(report)
+    else:
+        passed = report.get("passed", True) if isinstance(report, dict) else True
+        steps = ", ".join(report.get("steps", [])) if isinstance(report, dict) else ""
+        print(f"{'ok' if passed else 'FAILED'}: {directory} verified against recipe {args.recipe} ({steps})")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="forgekit", description="Declarative builds of MTPLX-ready MLX models. "
+                                "Build with `doit build recipe=NAME [locked=1]`.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    v = sub.add_parser("validate", help="check a recipe: schema, sources, every rule matches")
+    v.add_argument("recipe", help="recipe name (recipes/NAME.yaml) or path")
+    v.add_argument("--json", action="store_true")
+    v.add_argument("--schema-only", action="store_true", help="do not open the sources")
+    v.add_argument("--locked", action="store_true", help="also fail if the sources moved since the lock file")
+    v.set_defaults(func=cmd_validate)
+
+    pl = sub.add_parser("plan", help="dry run: every output tensor, its source, transforms, quantization, bytes")
+    pl.add_argument("recipe")
+    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--summary", action="store_true", help="totals and warnings only")
+    pl.add_argument("--locked", action="store_true", help="also fail if the sources moved since the lock file")
+    pl.set_defaults(func=cmd_plan)
+
+    i = sub.add_parser("inspect", help="list tensors and metadata of a safetensors dir/file, a GGUF or a cached HF repo")
+    i.add_argument("source", help="path, or org/name from the local Hugging Face cache")
+    i.add_argument("--revision", help="for a repo id (default main)")
+    i.add_argument("--file", help="for a repo id: one file in it, e.g. X-MTP-BF16.gguf")
+    i.add_argument("--match", help="only list tensors whose name contains this regex")
+    i.add_argument("--norms", action="store_true", help="read the norm gains; tell zero-centred from absolute")
+    i.add_argument("--stats", metavar="REGEX", help="mean/std/min/max of tensors whose name full-matches REGEX")
+    i.add_argument("--summary", action="store_true", help="no tensor table")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    n = sub.add_parser("new", help="write a recipe for a finetune, extending the base recipe, and validate it")
+    n.add_argument("name")
+    n.add_argument("--body", required=True, help="model dir, or org/name[@revision]")
+    n.add_argument("--mtp", required=True, help="GGUF path, org/name/FILE.gguf[@revision], a safetensors "
+                   "dir/repo carrying mtp.* keys, or 'body' (the body's own head)")
+    n.add_argument("--output", help="output directory of the build (default: build/NAME under the working dir)")
+    n.add_argument("--base", default=DEFAULT_BASE, help=f"recipe to extend (default {DEFAULT_BASE})")
+    n.add_argument("--dir", default="recipes", help="where to write NAME.yaml (default ./recipes)")
+    n.add_argument("--out", help="exact recipe file to write (overrides --dir)")
+    n.add_argument("--description")
+    n.add_argument("--force", action="store_true", help="overwrite an existing recipe")
+    n.add_argument("--no-validate", action="store_true", help="write without opening the sources")
+    n.set_defaults(func=cmd_new)
+
+    lk = sub.add_parser("lock", help="record the sources' resolved commits and digests (<output>.lock.json)")
+    lk.add_argument("recipe")
+    lk.add_argument("--check", action="store_true", help="only compare the sources with the lock file")
+    lk.add_argument("--lock", help="lock file path (default: <output dir>.lock.json)")
+    lk.set_defaults(func=cmd_lock)
+
+    vf = sub.add_parser("verify", help="run a recipe's verify steps on an existing output directory")
+    vf.add_argument("directory")
+    vf.add_argument("--recipe", required=True)
+    vf.add_argument("--json", action="store_true")
+    vf.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ForgeError as exc:
+        print(f"forgekit: {exc}", file=sys.stderr)
+        if getattr(args, "json", False) and args.command in ("validate", "plan"):
+            _print_json({"valid": False, "error": str(exc), "error_type": type(exc).__name__})
+        return 2
+    except KeyboardInterrupt:
+        print("forgekit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

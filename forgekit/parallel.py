@@ -1,0 +1,348 @@
+"""Shard work split into independent pieces, run on all cores.
+
+A `Piece` is self-describing plain data: read rows [r0, r1) of one tensor from a file
+at a byte offset, decode them, apply the recipe's transforms, cast, quantize (or not),
+and write the results at known byte offsets of a preallocated output file. Pieces never
+overlap and quantization works per row group, so pieces can run in any order, in any
+process, and the file comes out byte-identical to a sequential write.
+
+Workers are spawned processes (not threads: measured, mlx's CPU quantize does not run
+two threads in parallel; not fork: the parent has mlx loaded). They import only numpy,
+mlx and this module, read sources with pread (no mmap, so resident memory stays one
+piece per worker), and exit when their parent dies.
+
+Environment:
+  FORGEKIT_JOBS            worker processes (default: usable cores, at most 8)
+  FORGEKIT_POOL_MIN_BYTES  shards with less work run in-process unless the pool is already up
+                           (work = source bytes, quantized ones counted 4x; default 1 GiB)
+  FORGEKIT_JOB_BYTES       source bytes batched into one job (default 32 MiB; tests use tiny jobs)
+  FORGEKIT_TEST_PIECE_DELAY  seconds to sleep before each piece (tests: interrupt a build)
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+# storage code -> (numpy dtype of the stored bytes, mlx dtype name to view them as)
+STORAGE = {
+    "BF16": (np.uint16, "bfloat16"), "F16": (np.float16, None), "F32": (np.float32, None),
+    "F64": (np.float64, None), "I64": (np.int64, None), "I32": (np.int32, None), "I16": (np.int16, None),
+    "I8": (np.int8, None), "U8": (np.uint8, None), "U32": (np.uint32, None), "BOOL": (np.bool_, None),
+}
+GGML_PREFIX = "GGML:"   # GGUF block-quantized storage, dequantized with gguf.quants
+
+
+@dataclass(frozen=True)
+class RawRef:
+    """Where a tensor's bytes are: row r of dim 0 starts at offset + r * row_bytes."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    storage: str          # a STORAGE code, or GGML:<type name>
+    row_bytes: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    ref: RawRef
+    rows: tuple[int, int] | None            # None: the whole tensor
+    transforms: tuple[str, ...]
+    dtype: str                              # float dtype before quantization
+    quant: tuple[int, int, str] | None      # (bits, group_size, mode)
+    dest: tuple[tuple[int, int], ...]       # (absolute offset, nbytes) of each output part
+
+    @property
+    def source_bytes(self) -> int:
+        r0, r1 = self.rows if self.rows is not None else (0, self.ref.shape[0] if self.ref.shape else 1)
+        return (r1 - r0) * self.ref.row_bytes
+
+    @property
+    def work(self) -> int:
+        """Cost estimate in copy-byte units: quantizing a byte costs about 4 copies."""
+        return self.source_bytes * (4 if self.quant else 1)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Pieces run together in one worker call (small tensors are batched)."""
+
+    dest_path: str
+    pieces: tuple[Piece, ...]
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(p.source_bytes for p in self.pieces)
+
+
+# ---------------------------------------------------------------- computing a piece
+
+_fds: dict[str, int] = {}
+_buffer = bytearray()
+
+
+def _fd(path: str, flags: int) -> int:
+    key = f"{flags}:{path}"
+    fd = _fds.get(key)
+    if fd is None:
+        if len(_fds) >= 16:
+            for old in list(_fds.values()):
+                os.close(old)
+            _fds.clear()
+        fd = _fds[key] = os.open(path, flags)
+    return fd
+
+
+def close_files() -> None:
+    for fd in _fds.values():
+        os.close(fd)
+    _fds.clear()
+
+
+def _pread(path: str, offset: int, n: int) -> memoryview:
+    """n bytes at offset, into a buffer reused across pieces (no mmap: bounded resident memory)."""
+    global _buffer
+    if len(_buffer) < n:
+        _buffer = bytearray(n)
+    view = memoryview(_buffer)[:n]
+    fd = _fd(path, os.O_RDONLY)
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"{path}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
+        done += got
+    return view
+
+
+_mx_buffer = None
+
+
+def _pread_mx(path: str, offset: int, n: int):
+    """n bytes at offset read straight into a reused mlx buffer (one copy: page cache -> mlx).
+
+    Safe because every piece is fully evaluated before the next read overwrites the buffer,
+    and the buffer stays referenced here, so mlx never donates it to an op's output.
+    """
+    import mlx.core as mx
+
+    global _mx_buffer
+    if _mx_buffer is None or _mx_buffer.size < n:
+        _mx_buffer = mx.array(np.zeros(max(n, 1), dtype=np.uint8))
+        mx.eval(_mx_buffer)
+    view = memoryview(_mx_buffer)
+    fd = _fd(path, os.O_RDONLY)
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:n]], offset + done)
+        if got == 0:
+            raise OSError(f"{path}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
+        done += got
+    return _mx_buffer[:n]
+
+
+def read_rows(ref: RawRef, rows: tuple[int, int] | None):
+    """The source rows as an mlx array, exactly as the source's own `read` returns them."""
+    import mlx.core as mx
+
+    r0, r1 = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
+    shape = ((r1 - r0),) + tuple(ref.shape[1:]) if ref.shape else ()
+    n = (r1 - r0) * ref.row_bytes
+    if ref.storage in STORAGE and ref.storage != "BOOL" and n % 8 == 0 and n > 0:
+        np_dtype, view = STORAGE[ref.storage]
+        raw = _pread_mx(ref.path, ref.offset + r0 * ref.row_bytes, n)
+        out = raw.view(getattr(mx, np.dtype(np_dtype).name)).reshape(shape)
+        out = out.view(getattr(mx, view)) if view else out
+        return mx.contiguous(out)
+    raw = _pread(ref.path, ref.offset + r0 * ref.row_bytes, n)
+    if ref.storage.startswith(GGML_PREFIX):
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType[ref.storage[len(GGML_PREFIX):]]
+        blocks = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, ref.row_bytes)
+        arr = gguf.quants.dequantize(blocks, qtype).reshape(shape)
+        return mx.array(np.ascontiguousarray(arr, dtype=np.float32))
+    np_dtype, view = STORAGE[ref.storage]
+    arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+    out = mx.array(arr)  # copies out of the reused buffer
+    return out.view(getattr(mx, view)) if view else out
+
+
+def compute(piece: Piece):
+    """Source rows -> transforms (in source dtype, as mlx-lm's sanitize) -> cast -> quantize."""
+    import mlx.core as mx
+
+    from .transforms import DTYPES, TRANSFORMS
+
+    a = read_rows(piece.ref, piece.rows)
+    for name in piece.transforms:
+        a = TRANSFORMS[name].apply(a)
+    a = a.astype(DTYPES[piece.dtype])
+    if piece.quant is None:
+        outs = [a]
+    else:
+        bits, group_size, mode = piece.quant
+        outs = list(mx.quantize(a, group_size=group_size, bits=bits, mode=mode))
+    mx.eval(*outs)
+    return outs
+
+
+def host_view(a) -> memoryview:
+    import mlx.core as mx
+
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return memoryview(np.asarray(a)).cast("B")
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def run_piece(piece: Piece, fd: int) -> None:
+    outs = compute(piece)
+    for arr, (offset, nbytes) in zip(outs, piece.dest, strict=True):
+        data = host_view(arr)
+        if len(data) != nbytes:
+            raise RuntimeError(f"piece of {piece.ref.path} produced {len(data)} bytes where the plan expects {nbytes}")
+        _pwrite(fd, data, offset)
+
+
+def run_job(job: Job) -> int:
+    """Compute and write every piece of a job; returns the source bytes it consumed."""
+    delay = float(os.environ.get("FORGEKIT_TEST_PIECE_DELAY", "0") or 0)
+    fd = _fd(job.dest_path, os.O_WRONLY)
+    for piece in job.pieces:
+        if delay:
+            time.sleep(delay)
+        run_piece(piece, fd)
+    return job.source_bytes
+
+
+# ---------------------------------------------------------------- the worker pool
+
+HASH_IN_POOL_BYTES = 2**30   # fingerprint sources larger than this (in total) on the pool
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def worker_count() -> int:
+    """Processes to use: FORGEKIT_JOBS, else the usable cores (at most 8).
+
+    Inside a multiprocessing child (our own worker, or a doit `-n N -P process` task
+    runner, which already runs shards side by side) it is 1: no nested pools.
+    """
+    if multiprocessing.parent_process() is not None:
+        return 1
+    env = os.environ.get("FORGEKIT_JOBS", "")
+    if env:
+        return max(1, int(env))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _init_worker(parent: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+    def watch() -> None:  # exit when the parent is gone (e.g. the build was killed)
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    import mlx.core as mx
+
+    mx.set_cache_limit(64 * 2**20)
+
+
+def _get_pool(n: int):
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.terminate()
+            ctx = multiprocessing.get_context("spawn")
+            _pool = ctx.Pool(n, initializer=_init_worker, initargs=(os.getpid(),))
+            _pool_size = n
+        return _pool
+
+
+def prestart() -> bool:
+    """Start the worker pool now (its processes import while the parent keeps working)."""
+    n = worker_count()
+    if n <= 1:
+        return False
+    _get_pool(n)
+    return True
+
+
+def _hash(path: str) -> tuple[str, str, tuple]:
+    from .cache import hash_file
+
+    before = os.stat(path)
+    digest = hash_file(Path(path))
+    after = os.stat(path)
+    same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
+    return path, digest, same
+
+
+def hash_files(paths: list[str]) -> dict[str, tuple[str, bool]]:
+    """xxh3 digests of several files, one file per worker process at a time (biggest first).
+
+    Returns path -> (digest, unchanged while hashed)."""
+    if not paths:
+        return {}
+    if not prestart():
+        return {p: _hash(p)[1:] for p in paths}
+    order = sorted(paths, key=lambda p: -os.path.getsize(p))
+    return {p: (d, same) for p, d, same in _pool.imap_unordered(_hash, order, chunksize=1)}
+
+
+def shutdown() -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is not None:
+            _pool.terminate()
+            _pool.join()
+            _pool = None
+
+
+def run_jobs(jobs: list[Job], on_done: Callable[[int], None] | None = None) -> int:
+    """Run jobs on the pool (or in-process when small / single core); returns workers used."""
+    work = sum(p.work for j in jobs for p in j.pieces)
+    n = min(worker_count(), len(jobs))
+    min_work = int(os.environ.get("FORGEKIT_POOL_MIN_BYTES", str(2**30)))
+    if n <= 1 or (work < min_work and _pool is None):
+        try:
+            for job in jobs:
+                done = run_job(job)
+                if on_done:
+                    on_done(done)
+        finally:
+            close_files()
+            import mlx.core as mx
+
+            mx.clear_cache()
+        return 1
+    results: Iterable[int] = _get_pool(n).imap_unordered(run_job, jobs, chunksize=1)
+    for done in results:
+        if on_done:
+            on_done(done)
+    return n

@@ -1,0 +1,110 @@
+"""load: mlx-lm loads the body (and its tokenizer); the head loads with strict=True into
+forgekit's MTPHeadModel (mlx-lm's own DecoderLayer); a forward pass on fixed tokens gives
+finite logits for the trunk and for a depth-1 draft.
+
+Also the loading helpers the parity and mtp steps share (`load_body`, `load_head`,
+`trunk`, `prompt_tokens`). The last loaded body is kept, so the steps of one build
+load a large model once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..mtp_head import MTPHeadModel, text_args
+
+_BODY_CACHE: dict = {}
+
+
+def _signature(directory: Path) -> tuple:
+    """Identity of a model directory's current contents (path + stat of its files)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file())
+    return (str(directory.resolve()),) + tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def load_body(directory: Path):
+    """(model, tokenizer) through mlx-lm's own loader, strict; cached for the last directory."""
+    from mlx_lm import load
+
+    key = _signature(Path(directory))
+    if _BODY_CACHE.get("key") != key:
+        _BODY_CACHE.clear()
+        model, tokenizer = load(str(directory))
+        _BODY_CACHE.update(key=key, value=(model, tokenizer))
+    return _BODY_CACHE["value"]
+
+
+def forget_body() -> None:
+    _BODY_CACHE.clear()
+
+
+def head_file(directory: Path, config: dict) -> Path:
+    return Path(directory) / config.get("mlx_lm_extra_tensors", {}).get("mtp_file", "mtp.safetensors")
+
+
+def contract(config: dict) -> dict:
+    """The MTP draft contract the config declares (REFERENCE §5 defaults otherwise)."""
+    declared = config.get("mtplx_mtp_contract") or {}
+    return {"base_hidden_variant": declared.get("base_hidden_variant", "post_norm"),
+            "hidden_variant": declared.get("hidden_variant", "post_norm"),
+            "concat_order": declared.get("concat_order", "embedding_hidden")}
+
+
+def load_head(directory: Path, config: dict) -> MTPHeadModel:
+    """The head file loaded strictly (exact keys and shapes) with the config's concat order."""
+    model = MTPHeadModel(text_args(config), concat_order=contract(config)["concat_order"])
+    model.load_weights(list(mx.load(str(head_file(directory, config))).items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def trunk(model):
+    """(decoder returning post-norm hidden, embedding module, lm_head callable) of an mlx-lm model."""
+    text = getattr(model, "language_model", model)
+    embed = text.model.embed_tokens
+    lm_head = embed.as_linear if text.args.tie_word_embeddings else text.lm_head
+    return text.model, embed, lm_head
+
+
+def prompt_tokens(prompts: list, tokenizer, max_tokens: int | None = None) -> list[list[int]]:
+    """Prompts as token id lists: a list of ints is taken as is, a string is tokenized."""
+    out = []
+    for p in prompts:
+        ids = list(p) if isinstance(p, list) else tokenizer.encode(p, add_special_tokens=False)
+        if not ids or not all(isinstance(i, int) for i in ids):
+            raise ValueError(f"prompt {p!r} gives no token ids")
+        out.append(ids[:max_tokens] if max_tokens else ids)
+    return out
+
+
+def run(directory: Path, plan, params: dict) -> dict:
+    config = json.loads((directory / "config.json").read_text())
+    try:
+        model, tokenizer = load_body(directory)
+    except Exception as exc:  # mlx-lm's own words are the cause
+        return {"passed": False, "cause": f"mlx-lm cannot load the body: {type(exc).__name__}: {exc}"}
+    try:
+        head = load_head(directory, config)
+    except Exception as exc:
+        return {"passed": False, "cause": f"{head_file(directory, config).name} does not load strictly into "
+                                          f"the MTP module tree: {exc}"}
+    vocab = text_args(config).vocab_size
+    ids = params.get("tokens") or [(7 * i + 3) % vocab for i in range(16)]
+    tokens = mx.array([ids])
+    decoder, embed, lm_head = trunk(model)
+    hidden = decoder(tokens)
+    logits = lm_head(hidden)
+    draft_logits = lm_head(head.mtp.norm(head.mtp(embed(tokens[:, 1:]), hidden[:, :-1])))
+    mx.eval(logits, draft_logits)
+    if logits.shape[-1] != vocab:
+        return {"passed": False, "cause": f"trunk logits have {logits.shape[-1]} columns, config vocab is {vocab}"}
+    for name, value in (("trunk", logits), ("head", draft_logits)):
+        if not bool(mx.all(mx.isfinite(value))):
+            return {"passed": False, "cause": f"{name} logits on fixed tokens are not finite (NaN/inf)"}
+    return {"passed": True, "summary": {"tokens": len(ids), "vocab": vocab,
+                                        "trunk_logit_absmax": round(float(mx.max(mx.abs(logits))), 3),
+                                        "head_logit_absmax": round(float(mx.max(mx.abs(draft_logits))), 3)}}

@@ -1,0 +1,122 @@
+"""mtp: greedy chain-agreement probe of the head against the built trunk, on CPU.
+
+For each prompt the trunk extends the prompt greedily by `new_tokens` tokens (KV
+cache), keeping its post-norm hidden states. The head then drafts chains of depth
+1..D at every position with `draft_chain`, under the contract config.json declares
+(`mtplx_mtp_contract`: the concat order is honoured; the hidden variants must be
+post_norm, the only ones draft_chain implements).
+
+A *round* is a decode step of the trunk: at position t the trunk has just produced
+token t+1 and the head drafts tokens t+2 .. t+1+D. Rounds are the t with every drafted
+token trunk-generated and inside the trace: P-1 <= t <= L-2-D (P prompt tokens,
+L = P + new_tokens). Per depth d, with c_d(t) = [draft_d(t) == trace[t+1+d]]:
+    marginal[d]     mean of c_d over rounds
+    cumulative[d]   mean over rounds of c_1 * ... * c_d (the first d drafts all accepted)
+    acceptance[d]   cumulative[d] / cumulative[d-1]: acceptance at depth d given that
+                    depths < d were accepted (cumulative[0] = 1)
+    mean_accepted   mean over rounds of the number of leading accepted drafts (0..D)
+The step fails when acceptance[d] is below the recipe's threshold for depth d, or at
+or below `collapse` (0.05) at any depth.
+
+params: prompts (token id lists or text), max_prompt_tokens, new_tokens (32), depth
+(3), min_agreement (one threshold per depth), collapse (0.05).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..mtp_head import draft_chain
+from .load import contract, load_body, load_head, prompt_tokens, trunk
+
+
+def greedy_trace(model, prompts: mx.array, new_tokens: int) -> tuple[mx.array, mx.array]:
+    """Tokens [B, P+new] and post-norm hidden [B, P+new, H] of the trunk's greedy run."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    decoder, _, lm_head = trunk(model)
+    cache = make_prompt_cache(model)
+    hidden = [decoder(prompts, cache=cache)]
+    tokens = [prompts]
+    for _ in range(new_tokens):
+        nxt = mx.argmax(lm_head(hidden[-1][:, -1]), axis=-1)[:, None].astype(prompts.dtype)
+        tokens.append(nxt)
+        hidden.append(decoder(nxt, cache=cache))
+        mx.eval(nxt, hidden[-1])
+    return mx.concatenate(tokens, axis=1), mx.concatenate(hidden, axis=1)
+
+
+def chain_stats(drafts: np.ndarray, tokens: np.ndarray, prompt_len: int) -> dict:
+    """Agreement by depth (module docstring) from drafts [D, B, L-1] and the trace [B, L]."""
+    depth, length = drafts.shape[0], tokens.shape[1]
+    rounds = np.arange(prompt_len - 1, length - 1 - depth)
+    correct = np.stack([drafts[d][:, rounds] == tokens[:, rounds + 2 + d] for d in range(depth)])
+    lead = np.cumprod(correct, axis=0)                   # [D, B, R]: first d+1 drafts all right
+    cumulative = lead.reshape(depth, -1).mean(axis=1)
+    previous = np.concatenate([[1.0], cumulative[:-1]])
+    acceptance = np.divide(cumulative, previous, out=np.zeros(depth), where=previous > 0)
+    return {"rounds": int(rounds.size * tokens.shape[0]),
+            "marginal": correct.reshape(depth, -1).mean(axis=1).round(4).tolist(),
+            "cumulative": cumulative.round(4).tolist(),
+            "acceptance": acceptance.round(4).tolist(),
+            "mean_accepted": round(float(lead.sum(axis=0).mean()), 4)}
+
+
+def _thresholds(params: dict, depth: int) -> list[float]:
+    raw = params.get("min_agreement", 0.0)
+    values = list(raw) if isinstance(raw, (list, tuple)) else [raw] * depth
+    if len(values) < depth:
+        values += [values[-1]] * (depth - len(values))
+    return [float(v) for v in values[:depth]]
+
+
+def run(directory: Path, plan, params: dict) -> dict:
+    config = json.loads((directory / "config.json").read_text())
+    declared = contract(config)
+    for key in ("base_hidden_variant", "hidden_variant"):
+        if declared[key] != "post_norm":
+            return {"passed": False, "cause": f"config.json mtplx_mtp_contract.{key} is '{declared[key]}'; "
+                                              f"the probe implements post_norm only"}
+    if declared["concat_order"] not in ("embedding_hidden", "hidden_embedding"):
+        return {"passed": False, "cause": f"config.json mtplx_mtp_contract.concat_order "
+                                          f"'{declared['concat_order']}' is not a known order"}
+    depth, new_tokens = int(params.get("depth", 3)), int(params.get("new_tokens", 32))
+    collapse, thresholds = float(params.get("collapse", 0.05)), _thresholds(params, depth)
+    if new_tokens < depth + 1:
+        return {"passed": False, "cause": f"new_tokens {new_tokens} leaves no round for depth {depth}"}
+    if not params.get("prompts"):
+        return {"passed": False, "cause": "the recipe gives the mtp step no prompts"}
+    start = time.time()
+    model, tokenizer = load_body(directory)
+    head = load_head(directory, config).mtp
+    ids = prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
+    prompt_len = min(len(p) for p in ids)          # one batch: every prompt cut to the shortest
+    prompts = mx.array([p[:prompt_len] for p in ids])
+    load_seconds = time.time() - start
+    tokens, hidden = greedy_trace(model, prompts, new_tokens)
+    trace_seconds = time.time() - start - load_seconds
+    _, embed, lm_head = trunk(model)
+    drafts = draft_chain(head, embed, lm_head, tokens, hidden, depth)
+    mx.eval(drafts)
+    stats = chain_stats(np.array(drafts), np.array(tokens), prompt_len)
+    summary = {**stats, "depth": depth, "prompts": len(ids), "prompt_tokens": prompt_len,
+               "new_tokens": new_tokens, "trunk_tokens": int(tokens.size),
+               "head_positions": int(drafts.size), "concat_order": declared["concat_order"],
+               "seconds": {"load": round(load_seconds, 2), "trace": round(trace_seconds, 2),
+                           "draft": round(time.time() - start - load_seconds - trace_seconds, 2)}}
+    problems = []
+    for d, (got, want) in enumerate(zip(stats["acceptance"], thresholds), 1):
+        if got <= collapse:
+            problems.append(f"depth {d} acceptance {got:.3f} <= {collapse}: collapsed (the head does not "
+                            f"draft for this trunk under the declared contract, concat_order "
+                            f"{declared['concat_order']})")
+        elif got < want:
+            problems.append(f"depth {d} acceptance {got:.3f} < threshold {want}")
+    if problems:
+        return {"passed": False, "cause": "; ".join(problems[:2]), "summary": summary}
+    return {"passed": True, "summary": summary}

@@ -1,0 +1,97 @@
+"""parity: the built (quantized) body against the bf16 source body, both read by mlx-lm.
+
+On fixed sequences (the recipe's prompts, optionally extended greedily by the source
+model, or deterministic pseudo-random ids when no prompt is given) it compares the
+next-token distributions at every position:
+    top1     fraction of positions where both models' argmax agree
+    mean_kl  mean over positions of KL(p_source || p_built), in nats
+The source is loaded only while its logits are computed, so the two models are never
+in memory together (a 9B bf16 body is ~18 GB).
+
+params: prompts, new_tokens (0), max_prompt_tokens, random {count, length, seed}
+(used without prompts), min_top1, max_mean_kl.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..mtp_head import text_args
+from .load import forget_body, load_body, prompt_tokens, trunk
+
+
+def _greedy_extend(model, ids: list[int], new_tokens: int) -> list[int]:
+    """Extend one prompt by `new_tokens` greedy tokens with mlx-lm's KV cache."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if new_tokens <= 0:
+        return list(ids)
+    cache = make_prompt_cache(model)
+    logits = model(mx.array([ids]), cache=cache)
+    out = list(ids)
+    for _ in range(new_tokens):
+        token = int(mx.argmax(logits[0, -1]))
+        out.append(token)
+        logits = model(mx.array([[token]]), cache=cache)
+    return out
+
+
+def _log_probs(model, seq: list[int]) -> mx.array:
+    decoder, _, lm_head = trunk(model)
+    logits = lm_head(decoder(mx.array([seq])))[0].astype(mx.float32)
+    out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    mx.eval(out)
+    return out
+
+
+def sequences(params: dict, tokenizer, vocab: int) -> list[list[int]]:
+    """The prompts as token ids, or `random` pseudo-random ids (numpy seed) without prompts."""
+    if params.get("prompts"):
+        return prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
+    spec = {"count": 4, "length": 32, "seed": 0, **params.get("random", {})}
+    rng = np.random.default_rng(spec["seed"])
+    return rng.integers(0, vocab, size=(spec["count"], spec["length"])).tolist()
+
+
+def run(directory: Path, plan, params: dict) -> dict:
+    from mlx_lm import load
+
+    min_top1, max_kl = float(params.get("min_top1", 0.9)), float(params.get("max_mean_kl", 0.1))
+    root = plan.sources["body"].root
+    if root is None:
+        return {"passed": False, "cause": "the body source is not a model directory mlx-lm can load"}
+    _, tokenizer = load_body(directory)
+    forget_body()                     # one model in memory at a time
+    gc.collect()
+    start = time.time()
+    source, _ = load(str(root))
+    seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
+    seqs = [_greedy_extend(source, s, int(params.get("new_tokens", 0))) for s in seqs]
+    reference = [np.array(_log_probs(source, s)) for s in seqs]
+    source_seconds = time.time() - start
+    del source
+    gc.collect()
+    built, _ = load_body(directory)
+    agree, kls = [], []
+    for seq, ref in zip(seqs, reference):
+        lp = np.array(_log_probs(built, seq))
+        agree.append(ref.argmax(-1) == lp.argmax(-1))
+        kls.append((np.exp(ref) * (ref - lp)).sum(-1))
+    agree, kls = np.concatenate(agree), np.concatenate(kls)
+    top1, mean_kl = float(agree.mean()), float(kls.mean())
+    summary = {"sequences": len(seqs), "positions": int(agree.size), "top1": round(top1, 4),
+               "mean_kl": round(mean_kl, 5), "max_kl": round(float(kls.max()), 5),
+               "source_seconds": round(source_seconds, 2)}
+    problems = []
+    if top1 < min_top1:
+        problems.append(f"top-1 agreement with the bf16 source {top1:.3f} < {min_top1}")
+    if not mean_kl <= max_kl:
+        problems.append(f"mean KL(source || built) {mean_kl:.4f} nats > {max_kl}")
+    if problems:
+        return {"passed": False, "cause": "; ".join(problems), "summary": summary}
+    return {"passed": True, "summary": summary}

@@ -1,0 +1,293 @@
+"""Adversarial input corpus: every case must end in one clear sentence naming the file and
+key (or tensor), a non-zero exit, no traceback, and no output that looks complete.
+
+Each case is (id, setup, expected regex). `setup(tmp)` writes whatever it needs under tmp
+and returns the recipe text; `{body}`, `{gguf}` point at pristine copies of the fixture.
+The table doubles as documentation: README "Guarantees" points here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import BODY, HEAD_GGUF, ROOT, run_doit
+
+BASE = ROOT / "recipes" / "qwen3.5-dense-mtp.yaml"
+GOOD = f"extends: {BASE}\nname: t\nsources:\n  body: {{path: {{body}}}}\n  mtp: {{path: {{gguf}}}}\noutput: {{dir: out}}\n"
+
+
+def good(**repl) -> str:
+    text = GOOD
+    for a, b in repl.items():
+        text = text.replace(a, b)
+    return text
+
+
+def recipe_only(text):
+    return lambda tmp: text
+
+
+# ------------------------------------------------------------ source file doctoring helpers
+
+def first_shard(tmp):
+    return sorted((tmp / "body").glob("model-*.safetensors"))[0]
+
+
+def rewrite_header(path, edit):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def first_tensor(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+def doctor_body(edit):
+    def setup(tmp):
+        edit(tmp)
+        return GOOD
+    return setup
+
+
+def truncate(tmp):
+    p = first_shard(tmp)
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+def header_len_lie(tmp):
+    p = first_shard(tmp)
+    raw = p.read_bytes()
+    p.write_bytes(struct.pack("<Q", 10**12) + raw[8:])
+
+
+def header_not_json(tmp):
+    p = first_shard(tmp)
+    raw = bytearray(p.read_bytes())
+    raw[8:12] = b"\xff\xfe{{"
+    p.write_bytes(bytes(raw))
+
+
+def overlap(tmp):
+    def edit(h):
+        names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+        a, b = h[names[0]], h[names[1]]
+        size_b = b["data_offsets"][1] - b["data_offsets"][0]
+        b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + size_b]
+    rewrite_header(first_shard(tmp), edit)
+
+
+def out_of_bounds(tmp):
+    def edit(h):
+        e = h[first_tensor(h)]
+        size = e["data_offsets"][1] - e["data_offsets"][0]
+        e["data_offsets"] = [10**9, 10**9 + size]
+    rewrite_header(first_shard(tmp), edit)
+
+
+def shape_mismatch(tmp):
+    def edit(h):
+        e = h[first_tensor(h)]
+        e["shape"] = [d * 2 for d in e["shape"]]
+    rewrite_header(first_shard(tmp), edit)
+
+
+def bad_dtype(tmp):
+    def edit(h):
+        h[first_tensor(h)]["dtype"] = "F8_E9"
+    rewrite_header(first_shard(tmp), edit)
+
+
+def nan_weight(tmp):
+    """Put a NaN into the first element of a bf16 matrix the plan maps."""
+    p = first_shard(tmp)
+    raw = bytearray(p.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k, v in header.items() if k.endswith("mlp.down_proj.weight"))
+    start = 8 + n + header[name]["data_offsets"][0]
+    raw[start:start + 2] = np.array([0x7FC0], dtype=np.uint16).tobytes()  # bf16 quiet NaN
+    p.write_bytes(bytes(raw))
+
+
+def index_missing_shard(tmp):
+    idx = tmp / "body" / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    first = next(iter(data["weight_map"]))
+    data["weight_map"][first] = "model-00009-of-00009.safetensors"
+    idx.write_text(json.dumps(data))
+
+
+def config_not_json(tmp):
+    (tmp / "body" / "config.json").write_text("{not json")
+
+
+def gguf_bad_magic(tmp):
+    p = tmp / "head.gguf"
+    raw = bytearray(p.read_bytes())
+    raw[:4] = b"GGUX"
+    p.write_bytes(bytes(raw))
+
+
+def gguf_truncated(tmp):
+    p = tmp / "head.gguf"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def write_gguf(path, arch: str, nextn: int | None, tensors: dict[str, np.ndarray]):
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(5)
+    if nextn is not None:
+        w.add_uint32(f"{arch}.nextn_predict_layers", nextn)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_wrong_arch(tmp):
+    write_gguf(tmp / "head.gguf", "llama", None, {"output_norm.weight": np.ones(64, np.float32)})
+
+
+def gguf_no_head(tmp):
+    write_gguf(tmp / "head.gguf", "qwen35", 1, {"output_norm.weight": np.ones(64, np.float32)})
+
+
+def gguf_head_wrong_shapes(tmp):
+    """Every head tensor present, but from a model twice as wide as the body."""
+    reader = gguf.GGUFReader(tmp / "head.gguf")
+    tensors = {}
+    for t in reader.tensors:
+        if t.name.startswith("blk.4."):
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            tensors[t.name] = np.ones(tuple(d * 2 for d in shape), np.float32)
+    write_gguf(tmp / "head.gguf", "qwen35", 1, tensors)
+
+
+def auto_map_config(tmp):
+    """A body config asking for remote code: it is dropped, never executed (the build succeeds)."""
+    cfg = json.loads((tmp / "body" / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModel": "evil.Model"}
+    cfg["trust_remote_code"] = True
+    (tmp / "body" / "config.json").write_text(json.dumps(cfg))
+    (tmp / "body" / "evil.py").write_text(f"open({str(tmp / 'PWNED')!r}, 'w').write('x')\n")
+
+
+CASES = [
+    # ---- recipes
+    ("yaml-invalid", recipe_only("name: [unclosed\n"), r"recipe\.yaml:\d+: "),
+    ("yaml-duplicate-top", recipe_only("name: a\nname: b\n"), r"recipe\.yaml:2: duplicate key 'name'"),
+    ("yaml-duplicate-nested", recipe_only("name: a\nsources:\n  body: {path: x}\n  body: {path: y}\n"),
+     r"recipe\.yaml:4: duplicate key 'body'"),
+    ("yaml-python-tag", recipe_only("name: !!python/object/apply:os.system ['touch PWNED']\n"),
+     r"recipe\.yaml:1: YAML tags are not allowed"),
+    ("yaml-not-mapping", recipe_only("- a\n- b\n"), r"recipe\.yaml:1: a recipe must be a YAML mapping"),
+    ("unknown-top-key", recipe_only(good().replace("output:", "outptu:")), r"recipe\.yaml:6: outptu: unknown key"),
+    ("unknown-source-key", recipe_only(good().replace("{path: {body}}", "{path: {body}, revison: x}")),
+     r"recipe\.yaml:4: sources\.body\.revison: unknown key"),
+    ("unknown-rule-key", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: '.*', to: x, trasforms: []}\n"),
+     r"recipe\.yaml:9: remap\.body\.0\.trasforms: unknown key"),
+    ("unknown-quant-key", recipe_only(good() + "quantization:\n  default: {bitz: 4}\n"),
+     r"recipe\.yaml:8: quantization\.default\.bitz: unknown key"),
+    ("unknown-output-key", recipe_only(good().replace("{dir: out}", "{dir: out, shards: 3}")),
+     r"recipe\.yaml:6: output\.shards: unknown key"),
+    ("unknown-verify-key", recipe_only(good() + "verify:\n  - {step: structural, parms: {}}\n"),
+     r"recipe\.yaml:8: verify\.0\.parms: unknown key"),
+    ("unknown-verify-step", recipe_only(good() + "verify:\n  - {step: vibes}\n"), r"recipe\.yaml:8: verify\.0\.step: "),
+    ("wrong-type-name", recipe_only(good().replace("name: t", "name: [t]")), r"recipe\.yaml:2: name: "),
+    ("wrong-type-shard-bytes", recipe_only(good().replace("{dir: out}", "{dir: out, max_shard_bytes: big}")),
+     r"recipe\.yaml:6: output\.max_shard_bytes: "),
+    ("wrong-bits", recipe_only(good() + "quantization:\n  default: {bits: 7}\n"), r"recipe\.yaml:8: quantization\.default\.bits: "),
+    ("bad-regex-remap", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: 'model\\.(', to: x}\n"),
+     r"recipe\.yaml:9: remap\.body\.0\.match: bad regular expression"),
+    ("bad-regex-quant", recipe_only(good() + "quantization:\n  rules:\n    - {name: q, match: '[', quantize: false}\n"),
+     r"recipe\.yaml:9: quantization\.rules\.0\.match: bad regular expression"),
+    ("empty-rule-list", recipe_only(good() + "remap:\n  body: []\n"), r"recipe\.yaml:8: remap\.body: empty rule list"),
+    ("rule-to-and-drop", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: x, to: y, drop: true}\n"),
+     r"recipe\.yaml:9: remap\.body\.0: rule 'a' needs exactly one of 'to' or 'drop: true'"),
+    ("unknown-transform", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: x, to: y, transforms: [flip]}\n"),
+     r"recipe\.yaml:9: remap\.body\[0\]\.transforms: unknown transform 'flip'"),
+    ("source-path-and-repo", recipe_only(good().replace("{path: {body}}", "{path: {body}, repo: a/b}")),
+     r"recipe\.yaml:4: sources\.body: give exactly one of 'path' or 'repo'"),
+    ("source-unknown-table", recipe_only(good().replace("{path: {body}}", "{path: {body}, table: nope}")),
+     r"recipe\.yaml:4: sources\.body: no remap table 'nope'"),
+    ("sidecar-named-model", recipe_only(good().replace("{dir: out}", "{dir: out, sidecars: [{match: 'mtp\\..*', file: model-mtp.safetensors}]}")),
+     r"recipe\.yaml:6: output\.sidecars\.0\.file: sidecar file 'model-mtp\.safetensors' must be"),
+    ("sidecar-escapes", recipe_only(good().replace("{dir: out}", "{dir: out, sidecars: [{match: x, file: ../x.safetensors}]}")),
+     r"recipe\.yaml:6: output\.sidecars\.0\.file: "),
+    ("copy-file-escapes", recipe_only(good().replace("{dir: out}", "{dir: out, copy_files: [../../etc/passwd]}")),
+     r"recipe\.yaml:6: output\.copy_files\.0: '\.\./\.\./etc/passwd' must be a plain file name"),
+    ("extends-missing", recipe_only("extends: no-such-base\nname: x\n"), r"recipe\.yaml:1: extends: recipe 'no-such-base' not found"),
+    ("extends-self", recipe_only("extends: recipe.yaml\nname: x\n"), r"'extends' forms a cycle: recipe\.yaml -> recipe\.yaml"),
+    ("output-is-body", recipe_only(good().replace("{dir: out}", "{dir: body}")), r"recipe\.yaml:6: output\.dir .* overlaps source 'body'"),
+    ("output-inside-body", recipe_only(good().replace("{dir: out}", "{dir: body/out}")), r"output\.dir .* overlaps source 'body'"),
+    ("output-contains-body", recipe_only(good().replace("{dir: out}", "{dir: .}")), r"output\.dir .* overlaps source 'body'"),
+    ("output-symlink-into-body", lambda tmp: ((tmp / "link").symlink_to(tmp / "body"), good().replace("{dir: out}", "{dir: link/x}"))[1],
+     r"output\.dir .* overlaps source 'body'"),
+    # ---- sources
+    ("body-missing", recipe_only(good().replace("{path: {body}}", "{path: nowhere}")), r"nowhere: source 'body' does not exist"),
+    ("st-truncated", doctor_body(truncate), r"model-00001-of-00002\.safetensors: tensor '.*': data ends at byte \d+, past the end"),
+    ("st-header-length-lie", doctor_body(header_len_lie), r"safetensors header length \d+ does not fit"),
+    ("st-header-not-json", doctor_body(header_not_json), r"safetensors header is not valid JSON"),
+    ("st-overlap", doctor_body(overlap), r"tensors '.*' and '.*' overlap in the data section"),
+    ("st-out-of-bounds", doctor_body(out_of_bounds), r"tensor '.*': data ends at byte \d+, past the end of the file"),
+    ("st-shape-vs-bytes", doctor_body(shape_mismatch), r"tensor '.*': BF16\[.*\] needs \d+ bytes but the header gives \d+"),
+    ("st-bad-dtype", doctor_body(bad_dtype), r"tensor '.*': unsupported dtype F8_E9"),
+    ("st-index-missing-shard", doctor_body(index_missing_shard), r"model\.safetensors\.index\.json: lists shard 'model-00009-of-00009\.safetensors'"),
+    ("config-not-json", doctor_body(config_not_json), r"config\.json: not valid JSON"),
+    ("nan-in-weights", doctor_body(nan_weight), r"tensor 'model\.language_model\.layers\.\d+\.mlp\.down_proj\.weight' .*(NaN|non-finite)"),
+    ("gguf-bad-magic", doctor_body(gguf_bad_magic), r"head\.gguf: not a readable GGUF file"),
+    ("gguf-truncated", doctor_body(gguf_truncated), r"head\.gguf: (not a readable GGUF file|tensor '.*' data runs past the end)"),
+    ("gguf-wrong-arch", doctor_body(gguf_wrong_arch), r"head\.gguf: GGUF architecture 'llama' declares no MTP head"),
+    ("gguf-no-head-tensors", doctor_body(gguf_no_head), r"rule 'mtp-fc' matched no tensor of source 'mtp' .*head\.gguf"),
+    ("gguf-head-wrong-shapes", doctor_body(gguf_head_wrong_shapes), r"mtp\.fc\.weight.*shape"),
+]
+
+
+@pytest.fixture
+def sandbox(tmp_path):
+    shutil.copytree(BODY, tmp_path / "body")
+    shutil.copy(HEAD_GGUF, tmp_path / "head.gguf")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case_id,setup,expected", CASES, ids=[c[0] for c in CASES])
+def test_corpus_case(sandbox, case_id, setup, expected):
+    text = setup(sandbox).replace("{body}", str(sandbox / "body")).replace("{gguf}", str(sandbox / "head.gguf"))
+    (sandbox / "recipe.yaml").write_text(text)
+    proc = run_doit(sandbox / "recipe.yaml", sandbox)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert re.search(expected, output), f"expected /{expected}/ in:\n{output}"
+    assert not (sandbox / "PWNED").exists()
+    out = sandbox / "out"
+    assert not (out / "mtplx_runtime.json").exists() and not (out / ".forgekit" / "manifest.json").exists()
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_remote_code_config_is_dropped_never_executed(sandbox):
+    auto_map_config(sandbox)
+    text = GOOD.replace("{body}", str(sandbox / "body")).replace("{gguf}", str(sandbox / "head.gguf"))
+    (sandbox / "recipe.yaml").write_text(text)
+    proc = run_doit(sandbox / "recipe.yaml", sandbox)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cfg = json.loads((sandbox / "out" / "config.json").read_text())
+    assert "auto_map" not in cfg and not (sandbox / "PWNED").exists()
+    assert not (sandbox / "out" / "evil.py").exists()

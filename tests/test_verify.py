@@ -1,0 +1,121 @@
+"""Verification steps on the correct demo build: every step passes with the tiny fixture's
+numbers, verify_directory works on an existing directory, and the pieces each step relies
+on (chain statistics, MTPLX's head detector, the GGUF convention proof) compute what their
+definitions say."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import DEMO_RECIPE, HEAD_GGUF, demo_recipe
+from forgekit.errors import VerifyError
+from forgekit.verify import report_table, verify_directory
+from forgekit.verify.mtp import chain_stats
+from forgekit.verify.norms import gguf_convention, head_is_zero_centred, mtplx_says_zero_centred
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+STEPS = ["structural", "norms", "load", "parity", "mtp"]
+DEPTH_THRESHOLDS = [0.95, 0.90, 0.85]
+
+
+def test_demo_build_passes_every_step_with_margin(built_demo):
+    report = json.loads((built_demo / "forgekit-report.json").read_text())
+    assert report["passed"] and report["steps"] == STEPS
+    mtp = report["summary"]["mtp"]
+    assert mtp["depth"] == 3 and len(mtp["acceptance"]) == 3
+    for got, want in zip(mtp["acceptance"], DEPTH_THRESHOLDS):
+        assert got >= want, mtp
+    assert mtp["mean_accepted"] >= 2.5 and mtp["rounds"] > 100
+    assert mtp["trunk_tokens"] > 0 and mtp["seconds"]["trace"] >= 0
+    parity = report["summary"]["parity"]
+    assert parity["top1"] >= 0.9 and parity["mean_kl"] < 0.1, parity
+    norms = report["summary"]["norms"]
+    assert norms["source_conventions"] == {"body": "zero_centred", "mtp": "absolute"}
+    assert norms["gguf_norms_proven"] == "absolute" and norms["max_abs_deviation"] < 0.01
+    assert norms["head_detector_zero_centred"] is False and norms["mtplx_detector_zero_centred"] is False
+    runtime = json.loads((built_demo / "mtplx_runtime.json").read_text())
+    assert runtime["exactness_baseline"]["results"]["mtp"]["acceptance"] == mtp["acceptance"]
+
+
+def test_verify_directory_runs_the_recipe_steps_and_prints_a_table(built_demo, tmp_path, capsys):
+    report = verify_directory(built_demo, str(demo_recipe(tmp_path, out=tmp_path / "unused")))
+    assert report["passed"] and report["steps"] == STEPS
+    out = capsys.readouterr().out
+    assert "verification:" in out
+    for step in STEPS:
+        assert f"  {step} " in out
+    assert "acceptance by depth" in out
+
+
+def test_report_table_shows_failures_with_their_cause():
+    table = report_table([{"step": "structural", "passed": True, "seconds": 0.1, "summary": {"shards": 1}},
+                          {"step": "norms", "passed": False, "cause": "'x' is all zeros"}])
+    assert "structural  ok" in table and "FAILED" in table and "'x' is all zeros" in table
+
+
+def test_chain_stats_follow_their_definitions():
+    # trace of 8 tokens, prompt 2: rounds t = 1 .. 8-2-2 = 4 (depth 2)
+    tokens = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    drafts = np.zeros((2, 1, 7), dtype=int)
+    drafts[0, 0] = [9, 3, 4, 9, 6, 9, 9]          # depth 1 at t drafts t+2: right at t=1,2,4
+    drafts[1, 0] = [9, 4, 9, 6, 9, 9, 9]          # depth 2 at t drafts t+3: right at t=1,3
+    s = chain_stats(drafts, tokens, prompt_len=2)
+    assert s["rounds"] == 4
+    assert s["marginal"] == [0.75, 0.5]
+    assert s["cumulative"] == [0.75, 0.25]        # both right only at t=1
+    assert s["acceptance"] == [0.75, pytest.approx(1 / 3, abs=1e-4)]
+    assert s["mean_accepted"] == 1.0              # accepted counts 2, 1, 0, 1
+
+
+def _head_norms(qk: float, low: float) -> dict[str, mx.array]:
+    names = {"mtp.layers.0.self_attn.q_norm.weight": qk, "mtp.layers.0.self_attn.k_norm.weight": qk - 0.1,
+             "mtp.layers.0.input_layernorm.weight": low, "mtp.layers.0.post_attention_layernorm.weight": low + 0.2,
+             "mtp.pre_fc_norm_embedding.weight": low + 0.1, "mtp.pre_fc_norm_hidden.weight": low + 0.3,
+             "mtp.norm.weight": 2.0}
+    return {k: mx.full((8,), v, dtype=mx.bfloat16) for k, v in names.items()}
+
+
+@pytest.mark.parametrize("qk, low, expected", [(1.8, 1.0, False), (0.8, 0.0, True), (0.8, 0.9, False),
+                                               (1.3, 0.1, False), (1.2, 0.45, True)])
+def test_head_detector_matches_mtplx(qk, low, expected):
+    norms = _head_norms(qk, low)
+    ours, _ = head_is_zero_centred(norms)
+    assert ours is expected
+    assert mtplx_says_zero_centred(norms) is expected
+
+
+def test_gguf_convention_is_proven_or_must_be_stated(tmp_path):
+    from forgekit.sources.gguf_file import GGUFSource
+
+    source = GGUFSource("mtp", HEAD_GGUF)
+    g = source.read("output_norm.weight").astype(mx.float32)
+    assert gguf_convention(source, g, None, 0.01)[0] == "absolute"
+    assert gguf_convention(source, g + 1.0, None, 0.01)[0] == "zero_centred"
+    conv, problem, _ = gguf_convention(source, g * 0.5 + 3.0, None, 0.01)
+    assert conv is None and "gguf_norms" in problem and "another model" in problem
+    assert gguf_convention(source, g * 0.5 + 3.0, "absolute", 0.01)[0] == "absolute"
+    conv, problem, _ = gguf_convention(source, g, "zero_centred", 0.01)
+    assert conv is None and "proves absolute" in problem
+
+
+def test_a_stated_convention_that_contradicts_the_proof_fails_the_norms_step(built_demo, tmp_path):
+    extra = ("verify:\n  - step: norms\n    params: {gguf_norms: zero_centred}\n")
+    with pytest.raises(VerifyError) as err:
+        verify_directory(built_demo, str(demo_recipe(tmp_path, extra=extra)))
+    assert err.value.step == "norms" and "proves absolute" in err.value.cause
+
+
+def test_mtp_threshold_above_what_the_head_reaches_fails(built_demo, tmp_path):
+    """The probe's thresholds bind: demanding 0.999 at depth 3 fails the mtp step."""
+    recipe = DEMO_RECIPE.read_text()
+    assert "min_agreement" in recipe
+    extra = ("verify:\n  - step: mtp\n    params:\n      prompts: ['<|im_start|> t4 t10', '<|im_start|> t5 t20']\n"
+             "      new_tokens: 24\n      min_agreement: [0.5, 0.5, 0.999]\n")
+    with pytest.raises(VerifyError) as err:
+        verify_directory(built_demo, str(demo_recipe(tmp_path, extra=extra)))
+    assert err.value.step == "mtp" and "depth 3" in err.value.cause
