@@ -1,6 +1,6 @@
 """Generate a random-weight Qwen3.5 checkpoint (HF layout) plus a matching MTP-head GGUF.
 
-    python bench/make_checkpoint.py --out bench/out/ckpt --layers 2 4 8          # real 9B widths
+    python bench/make_checkpoint.py --out /tmp/forgekit-bench/ckpt --layers 2 4 8   # real 9B widths
     python bench/make_checkpoint.py --out /tmp/tiny --layers 4 --preset tiny      # seconds
 
 Writes, under --out:

@@ -2,19 +2,23 @@
 
 Measures, on this machine's CPU with mlx, a real-width synthetic Qwen3.5 layer stack
 (hidden 4096, intermediate 12288, 16/4 heads x 256, linear attention 16/32 heads x 128;
-3 gated-delta layers + 1 full-attention layer per 4) with random weights, and the
-248320 x 4096 lm_head, then extrapolates to 32 layers + the MTP head:
+3 gated-delta layers + 1 full-attention layer per 4) with random weights, the MTP head
+(fc + one full-attention layer) and the 248320 x 4096 lm_head, then extrapolates to
+32 layers:
 
-    decode   s/step of a KV-cached decode step at batch B (the probe's greedy trace)
-    prefill  s/token of a batched forward over B x T tokens (hidden for the trace,
-             the head's sequence-parallel drafts, parity's logits)
+    token    s/token of a forward over a sequence (prompt prefill, the head's
+             sequence-parallel drafts, parity's logits)
+    step     s of one KV-cached decode step (the probe's greedy trace), batch 1 and 2
 
-    python bench/probe_cost.py [--layers 4] [--prompts 2 --prompt 16 --new 24] [--json out.json]
+Variants: `q4_f32` is the 4-bit g64 body as the probes run it (float32 scales and
+activations: mlx's CPU quantized matmul is many times slower in bf16), `bf16` the
+dense source body (parity), `q4_bf16` (--with-q4-bf16) the 4-bit body in bf16.
 
-The probe cost model (forgekit/verify/mtp.py, parity.py):
-    mtp    = B*P * trunk_token + N * decode_step(B) + D * B*(P+N) * head_position
-    parity = S*T * (bf16 trunk token) + S*T * (4-bit trunk token)
-(model load time from disk is not included: ~5 GB 4-bit, ~18 GB bf16 for parity.)
+    python bench/probe_cost.py [--prompts 2 --prompt 10 --new 18] [--json out.json] [--measured out.json]
+
+Cost model (forgekit/verify/mtp.py, parity.py; model loading not included):
+    mtp    = B*P * token + N * step(B) + D * B*(P+N) * head_position
+    parity = S*T * (bf16 token) + S*T * (q4_f32 token)
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import time
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map_with_path
+from mlx.utils import tree_map, tree_map_with_path
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS_9B = 4096, 12288, 248320, 32
 
@@ -44,25 +48,34 @@ def text_config(layers: int) -> dict:
     }
 
 
-def randomize(module: nn.Module, dtype=mx.bfloat16) -> None:
-    """Random weights in `dtype` (A_log stays float32, as in a real checkpoint)."""
+def randomize(module: nn.Module) -> None:
+    """Random bf16 weights (A_log stays float32, as in a real checkpoint), unit norm gains."""
     def init(path, v):
         if path.endswith("A_log"):
             return v
         if v.ndim == 1:
-            return mx.ones(v.shape, dtype)
-        return (mx.random.normal(v.shape) * 0.02).astype(dtype)
+            return mx.ones(v.shape, mx.bfloat16)
+        return (mx.random.normal(v.shape) * 0.02).astype(mx.bfloat16)
 
     module.update(tree_map_with_path(init, module.parameters()))
     mx.eval(module.parameters())
 
 
-def quantize(module: nn.Module) -> None:
-    nn.quantize(module, group_size=64, bits=4)
+def prepare(module: nn.Module, variant: str) -> None:
+    """bf16 as is; q4_*: mlx_lm.convert's 4-bit g64; *_f32: float parameters cast to float32."""
+    if variant.startswith("q4"):
+        nn.quantize(module, group_size=64, bits=4)
+    if variant.endswith("f32"):
+        module.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v,
+                               module.parameters()))
     mx.eval(module.parameters())
 
 
-def timed(fn, repeat: int = 3) -> float:
+def act_dtype(variant: str):
+    return mx.float32 if variant.endswith("f32") else mx.bfloat16
+
+
+def timed(fn, repeat: int = 1) -> float:
     mx.eval(fn())                     # warm-up
     start = time.perf_counter()
     for _ in range(repeat):
@@ -70,31 +83,27 @@ def timed(fn, repeat: int = 3) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def stack_costs(layers: int, tokens: int, quantized: bool) -> dict:
-    """Per-token prefill cost and per-step decode cost (batch 1 and 2) of the layer stack."""
+def stack_costs(layers: int, tokens: int, variant: str) -> dict:
     from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.models.qwen3_5 import TextModel, TextModelArgs
 
     mx.random.seed(0)
     model = TextModel(TextModelArgs.from_dict(text_config(layers)))
     randomize(model)
-    if quantized:
-        quantize(model)
-    out = {}
-    seq = mx.random.randint(0, 1024, (1, tokens))
-    out["prefill_token_s"] = timed(lambda: model.model(seq), repeat=1) / tokens
+    prepare(model, variant)
+    out = {"token_s": timed(lambda: model.model(mx.random.randint(0, 1024, (1, tokens)))) / tokens}
     for batch in (1, 2):
         cache = make_prompt_cache(model)
         mx.eval(model.model(mx.random.randint(0, 1024, (batch, 8)), cache=cache))
         step = mx.random.randint(0, 1024, (batch, 1))
-        out[f"decode_step_b{batch}_s"] = timed(lambda: model.model(step, cache=cache), repeat=3)
+        out[f"step_b{batch}_s"] = timed(lambda: model.model(step, cache=cache), repeat=3)
     del model
     gc.collect()
     return out
 
 
-def head_costs(tokens: int) -> dict:
-    """One MTP draft depth: fc + the full-attention decoder layer + norm (bf16), per position."""
+def head_costs(tokens: int, variant: str) -> dict:
+    """One MTP draft depth without the lm_head: fc + full-attention layer + norm, per position."""
     from mlx_lm.models.qwen3_5 import TextModelArgs
 
     from forgekit.mtp_head import MTPHead
@@ -102,49 +111,57 @@ def head_costs(tokens: int) -> dict:
     mx.random.seed(1)
     head = MTPHead(TextModelArgs.from_dict(text_config(4)))
     randomize(head)
-    e = mx.random.normal((1, tokens, HIDDEN)).astype(mx.bfloat16)
-    h = mx.random.normal((1, tokens, HIDDEN)).astype(mx.bfloat16)
-    cost = timed(lambda: head.norm(head(e, h)), repeat=1) / tokens
+    prepare(head, "bf16_f32" if variant.endswith("f32") else "bf16")   # the head stays unquantized
+    e, h = (mx.random.normal((1, tokens, HIDDEN)).astype(act_dtype(variant)) for _ in range(2))
+    cost = timed(lambda: head.norm(head(e, h))) / tokens
     del head
     gc.collect()
-    return {"head_layer_token_s": cost}
+    return {"head_token_s": cost}
 
 
-def lm_head_costs(tokens: int) -> dict:
-    """The 248320 x 4096 lm_head per token, bf16 (parity's source) and 4-bit g64 (the build)."""
+def lm_head_costs(tokens: int, variant: str) -> dict:
     mx.random.seed(2)
     head = nn.Linear(HIDDEN, VOCAB, bias=False)
     head.weight = (mx.random.normal((VOCAB, HIDDEN)) * 0.02).astype(mx.bfloat16)
-    mx.eval(head.parameters())
-    x = mx.random.normal((1, tokens, HIDDEN)).astype(mx.bfloat16)
-    out = {"lm_head_bf16_token_s": timed(lambda: head(x), repeat=1) / tokens}
-    quantize(head)
-    out["lm_head_q4_token_s"] = timed(lambda: head(x), repeat=1) / tokens
-    out["lm_head_q4_decode_step_s"] = timed(lambda: head(x[:, :1]), repeat=3)
+    prepare(head, variant)
+    x = mx.random.normal((1, tokens, HIDDEN)).astype(act_dtype(variant))
+    out = {"lm_head_token_s": timed(lambda: head(x)) / tokens,
+           "lm_head_step_s": timed(lambda: head(x[:, :1]), repeat=3)}
     del head
     gc.collect()
     return out
 
 
-def extrapolate(c: dict, layers: int, prompts: int, prompt: int, new: int, depth: int,
-                parity_seqs: int, parity_len: int) -> dict:
-    """Seconds for the 9B probes from the measured costs (32 layers = 8 stacks of 4)."""
+def measure(layers: int, tokens: int, variant: str) -> dict:
+    costs = stack_costs(layers, tokens, variant)
+    costs.update(lm_head_costs(tokens, variant))
+    if variant != "bf16":
+        costs.update(head_costs(tokens, variant))
+    print(f"{variant}: {json.dumps({k: round(v, 4) for k, v in costs.items()})}", flush=True)
+    return costs
+
+
+def per_9b(c: dict, layers: int) -> dict:
     scale = LAYERS_9B / layers
-    q4_token = c["q4"]["prefill_token_s"] * scale + c["lm_head_q4_token_s"]
-    bf16_token = c["bf16"]["prefill_token_s"] * scale + c["lm_head_bf16_token_s"]
-    step_b1 = c["q4"]["decode_step_b1_s"] * scale + c["lm_head_q4_decode_step_s"]
-    batching = c["q4"]["decode_step_b2_s"] / c["q4"]["decode_step_b1_s"]   # cost of 2 rows vs 1
-    step = step_b1 * (1 + (prompts - 1) * (batching - 1))
-    head_token = c["head_layer_token_s"] + c["lm_head_q4_token_s"]
-    mtp = {"trace_prefill_s": prompts * prompt * q4_token, "trace_decode_s": new * step,
-           "drafts_s": depth * prompts * (prompt + new) * head_token}
+    out = {"token_s": c["token_s"] * scale + c["lm_head_token_s"],
+           "step_b1_s": c["step_b1_s"] * scale + c["lm_head_step_s"],
+           "step_b2_s": c["step_b2_s"] * scale + 2 * c["lm_head_step_s"]}
+    if "head_token_s" in c:
+        out["head_position_s"] = c["head_token_s"] + c["lm_head_token_s"]
+    return out
+
+
+def estimate(q4: dict, bf16: dict, prompts: int, prompt: int, new: int, depth: int,
+             parity_seqs: int, parity_len: int) -> dict:
+    """Seconds of the 9B probes with the given sizes (per_9b costs)."""
+    step = q4["step_b1_s"] + (prompts - 1) * (q4["step_b2_s"] - q4["step_b1_s"])
+    mtp = {"trace_prompt_s": prompts * prompt * q4["token_s"], "trace_decode_s": new * step,
+           "drafts_s": depth * prompts * (prompt + new) * q4["head_position_s"]}
     mtp["total_s"] = sum(mtp.values())
-    parity = {"bf16_s": parity_seqs * parity_len * bf16_token, "q4_s": parity_seqs * parity_len * q4_token}
+    parity = {"source_bf16_s": parity_seqs * parity_len * bf16["token_s"],
+              "built_q4_s": parity_seqs * parity_len * q4["token_s"]}
     parity["total_s"] = sum(parity.values())
-    return {"per_token_9b": {"q4_trunk_token_s": q4_token, "bf16_trunk_token_s": bf16_token,
-                             "q4_decode_step_b1_s": step_b1, "decode_batch2_over_batch1": batching,
-                             "head_draft_position_s": head_token},
-            "probe": {"prompts": prompts, "prompt_tokens": prompt, "new_tokens": new, "depth": depth,
+    return {"probe": {"prompts": prompts, "prompt_tokens": prompt, "new_tokens": new, "depth": depth,
                       "rounds": prompts * (new - depth), "trunk_tokens": prompts * (prompt + new)},
             "mtp_s": mtp, "parity": {"sequences": parity_seqs, "length": parity_len, **parity}}
 
@@ -152,31 +169,35 @@ def extrapolate(c: dict, layers: int, prompts: int, prompt: int, new: int, depth
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4, help="layers in the measured stack (multiple of 4)")
-    ap.add_argument("--tokens", type=int, default=16, help="tokens per measured forward")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per measured sequence forward")
+    # defaults: the 9B verify block of recipes/qwen3.5-dense-mtp.yaml
     ap.add_argument("--prompts", type=int, default=2, help="probe: prompts")
-    ap.add_argument("--prompt", type=int, default=16, help="probe: prompt tokens per prompt")
-    ap.add_argument("--new", type=int, default=24, help="probe: greedy tokens per prompt")
+    ap.add_argument("--prompt", type=int, default=10, help="probe: prompt tokens per prompt")
+    ap.add_argument("--new", type=int, default=18, help="probe: greedy tokens per prompt")
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--parity-seqs", type=int, default=1)
-    ap.add_argument("--parity-len", type=int, default=32)
+    ap.add_argument("--parity-len", type=int, default=24)
+    ap.add_argument("--with-q4-bf16", action="store_true", help="also measure the 4-bit body in bf16 (slow)")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--measured", help="re-estimate from the 'measured' block of an earlier --json file")
     a = ap.parse_args()
     mx.set_default_device(mx.cpu)
-    costs: dict = {}
-    for kind in ("q4", "bf16"):
-        costs[kind] = stack_costs(a.layers, a.tokens, quantized=kind == "q4")
-        print(f"{a.layers}-layer stack {kind}: {costs[kind]}", flush=True)
-    costs.update(head_costs(a.tokens))
-    costs.update(lm_head_costs(a.tokens))
-    print({k: v for k, v in costs.items() if k not in ("q4", "bf16")}, flush=True)
-    est = extrapolate(costs, a.layers, a.prompts, a.prompt, a.new, a.depth, a.parity_seqs, a.parity_len)
-    est["measured"] = costs
+    if a.measured:
+        with open(a.measured) as f:
+            measured = json.load(f)["measured"]
+    else:
+        variants = ["q4_f32", "bf16"] + (["q4_bf16"] if a.with_q4_bf16 else [])
+        measured = {v: measure(a.layers, a.tokens, v) for v in variants}
+    nine_b = {v: per_9b(c, a.layers) for v, c in measured.items()}
+    result = {"measured": measured, "per_9b": nine_b,
+              **estimate(nine_b["q4_f32"], nine_b["bf16"], a.prompts, a.prompt, a.new, a.depth,
+                         a.parity_seqs, a.parity_len)}
     with open("/proc/loadavg") as f:
-        est["loadavg_at_end"] = f.read().split()[:3]
-    print(json.dumps(est, indent=2))
+        result["loadavg_at_end"] = f.read().split()[:3]
+    print(json.dumps(result, indent=2))
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(est, f, indent=2)
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

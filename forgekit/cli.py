@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,8 +29,16 @@ def _console(stream=None):
     from rich.console import Console
 
     stream = stream or sys.stdout
-    width = None if stream.isatty() else max(160, shutil.get_terminal_size((160, 24)).columns)
+    # A pipe or file gets whole rows (tables are as wide as their content); a terminal its width.
+    width = None if stream.isatty() else 400
     return Console(file=stream, width=width, soft_wrap=False, highlight=False)
+
+
+def _table(**kw):
+    from rich import box
+    from rich.table import Table
+
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left", **kw)
 
 
 def human(n: int) -> str:
@@ -106,8 +113,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from rich.table import Table
-
     from .inspect_source import plan_report
 
     report = plan_report(_plan(args.recipe, args.locked))
@@ -128,9 +133,8 @@ def cmd_plan(args) -> int:
                       f"{human(r['fetched_bytes'])} of a {human(r['size'] or 0)} file", markup=False)
     if not args.summary:
         for name, info in report["files"].items():
-            table = Table(title=f"{name}  ({info['tensors']} tensors, {human(info['bytes'])}"
-                                f"{', indexed' if info['indexed'] else ', sidecar (not indexed)'})",
-                          title_justify="left", show_footer=True)
+            table = _table(title=f"{name}  ({info['tensors']} tensors, {human(info['bytes'])}"
+                                 f"{', indexed' if info['indexed'] else ', sidecar: not in the index'})", show_footer=True)
             rows = [r for r in report["tensors"] if r["file"] == name]
             table.add_column("output tensor", footer="total", no_wrap=True)
             table.add_column("source", no_wrap=True)
@@ -140,10 +144,11 @@ def cmd_plan(args) -> int:
             table.add_column("bytes", justify="right", footer=str(info["bytes"]))
             for r in rows:
                 src = r["source"] + (f" [{r['stored_as']}]" if r["stored_as"] else "")
-                table.add_row(r["output"], src, ", ".join(r["transforms"]) or "-",
-                              f"{r['quant']} ({r['quant_rule']})", "x".join(map(str, r["shape"])), str(r["bytes"]))
+                quant = r["quant"] if r["quant_rule"] in ("default", "not quantizable") else f"{r['quant']} ({r['quant_rule']})"
+                table.add_row(r["output"], src, ", ".join(r["transforms"]) or "-", quant,
+                              "x".join(map(str, r["shape"])), str(r["bytes"]))
             con.print(table, markup=False)
-    totals = Table(title="totals per file", title_justify="left", show_footer=True)
+    totals = _table(title="totals per file", show_footer=True)
     totals.add_column("file", footer="all files")
     totals.add_column("tensors", justify="right", footer=str(report["tensor_count"]))
     totals.add_column("quantized", justify="right")
@@ -167,8 +172,6 @@ def cmd_plan(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from rich.table import Table
-
     from .inspect_source import inspect
 
     info = inspect(args.source, revision=args.revision, file=args.file, norms=args.norms, stats=args.stats)
@@ -193,7 +196,7 @@ def cmd_inspect(args) -> int:
     if m.get("note"):
         con.print(f"  ! {m['note']}", markup=False)
     if not args.summary:
-        table = Table(show_footer=True)
+        table = _table(show_footer=True)
         table.add_column("tensor", footer="total", no_wrap=True)
         table.add_column("shape")
         table.add_column("dtype")
@@ -207,8 +210,12 @@ def cmd_inspect(args) -> int:
         con.print(table, markup=False)
     if "norms" in info:
         n = info["norms"]
-        con.print("norm gains (mean):")
-        for k, v in n["means"].items():
+        block = info["mtp"].get("block")
+        head_prefix = f"blk.{block}." if block is not None else "mtp."
+        key = re.compile(rf"{re.escape(head_prefix)}.*|output_norm\.weight|(?:model\.language_model\.|language_model\.model\.|model\.)?norm\.weight")
+        shown = {k: v for k, v in n["means"].items() if key.fullmatch(k)}
+        con.print(f"norm gains (mean; head and final norm, all {len(n['means'])} with --json):")
+        for k, v in shown.items():
             con.print(f"  {k} = {v}", markup=False)
         if "head" in n:
             h = n["head"]
@@ -322,7 +329,7 @@ def cmd_lock(args) -> int:
     data = lock_data(plan)
     print(f"wrote {path}")
     for role, s in data["sources"].items():
-        print(f"  {role}: {_where(s)}: {len(s['files'])} files")
+        print(f"  {role}: {_where(s)}: {len(s['files'])} file(s)")
     return 0
 
 

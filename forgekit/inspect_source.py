@@ -131,7 +131,8 @@ def _f32():
 
 def norm_report(source: TensorSource) -> dict:
     """Means of the 1-D norm gains, and what convention they look like (reads only those)."""
-    norms = {k: i for k, i in source.tensors.items() if len(i.shape) == 1 and re.search(r"norm\.weight$", k)}
+    norms = {k: i for k, i in source.tensors.items()
+             if len(i.shape) == 1 and re.search(r"norm(?:_embedding|_hidden)?\.weight$", k)}
     means = {k: round(_mean(source, k), 4) for k in sorted(norms)}
     report: dict = {"means": means}
     if isinstance(source, GGUFSource):

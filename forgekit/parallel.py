@@ -16,6 +16,7 @@ Environment:
   FORGEKIT_POOL_MIN_BYTES  shards with less work run in-process unless the pool is already up
                            (work = source bytes, quantized ones counted 4x; default 1 GiB)
   FORGEKIT_JOB_BYTES       source bytes batched into one job (default 32 MiB; tests use tiny jobs)
+  FORGEKIT_HASH_IN_POOL_BYTES  new/changed sources totalling more are hashed on the pool (default 1 GiB)
   FORGEKIT_TEST_PIECE_DELAY  seconds to sleep before each piece (tests: interrupt a build)
 """
 
@@ -59,6 +60,8 @@ class Piece:
     dtype: str                              # float dtype before quantization
     quant: tuple[int, int, str] | None      # (bits, group_size, mode)
     dest: tuple[tuple[int, int], ...]       # (absolute offset, nbytes) of each output part
+    copy: bool = False                      # output bytes == source bytes: no decoding at all
+    name: str = ""                          # source tensor name (for error messages)
 
     @property
     def source_bytes(self) -> int:
@@ -68,6 +71,8 @@ class Piece:
     @property
     def work(self) -> int:
         """Cost estimate in copy-byte units: quantizing a byte costs about 4 copies."""
+        if self.copy:
+            return self.source_bytes // 4
         return self.source_bytes * (4 if self.quant else 1)
 
 
@@ -84,6 +89,40 @@ class Job:
 
 
 # ---------------------------------------------------------------- computing a piece
+
+# Exponent bits of a float storage: all set means NaN or infinity.
+EXPONENT = {"BF16": (np.uint16, 0x7F80), "F16": (np.uint16, 0x7C00), "F32": (np.uint32, 0x7F800000),
+            "F64": (np.uint64, 0x7FF0000000000000)}
+_scratch = np.empty(0, dtype=np.uint8)
+
+
+def check_finite(piece: Piece, raw) -> None:
+    """Refuse NaN/inf in source bytes (one pass over the exponent bits, no float conversion).
+
+    Quantization would silently turn a NaN into an ordinary-looking code, so this is the
+    only place a corrupt weight can be caught with its name.
+    """
+    global _scratch
+    spec = EXPONENT.get(piece.ref.storage)
+    if spec is None:
+        return
+    dtype, mask = spec
+    bits = np.frombuffer(raw, dtype=dtype)
+    if not bits.size:
+        return
+    if _scratch.nbytes < bits.nbytes:
+        _scratch = np.empty(bits.nbytes, dtype=np.uint8)
+    masked = np.bitwise_and(bits, dtype(mask), out=_scratch[: bits.nbytes].view(dtype))
+    if masked.max() == mask:
+        _nonfinite(piece)
+
+
+def _nonfinite(piece: Piece) -> None:
+    from .errors import SourceError
+
+    where = f" (rows {piece.rows[0]}..{piece.rows[1] - 1})" if piece.rows else ""
+    raise SourceError(f"{piece.ref.path}: tensor '{piece.name}' holds NaN or infinite (non-finite) values{where}; "
+                      f"the source is corrupt, refusing to build from it")
 
 _fds: dict[str, int] = {}
 _buffer = bytearray()
@@ -149,8 +188,10 @@ def _pread_mx(path: str, offset: int, n: int):
     return _mx_buffer[:n]
 
 
-def read_rows(ref: RawRef, rows: tuple[int, int] | None):
-    """The source rows as an mlx array, exactly as the source's own `read` returns them."""
+def read_rows(ref: RawRef, rows: tuple[int, int] | None, check: Piece | None = None):
+    """The source rows as an mlx array, exactly as the source's own `read` returns them.
+
+    With `check`, raise a SourceError naming that piece's tensor if the rows hold NaN/inf."""
     import mlx.core as mx
 
     r0, r1 = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
@@ -159,6 +200,8 @@ def read_rows(ref: RawRef, rows: tuple[int, int] | None):
     if ref.storage in STORAGE and ref.storage != "BOOL" and n % 8 == 0 and n > 0:
         np_dtype, view = STORAGE[ref.storage]
         raw = _pread_mx(ref.path, ref.offset + r0 * ref.row_bytes, n)
+        if check is not None:
+            check_finite(check, memoryview(_mx_buffer)[:n])
         out = raw.view(getattr(mx, np.dtype(np_dtype).name)).reshape(shape)
         out = out.view(getattr(mx, view)) if view else out
         return mx.contiguous(out)
@@ -169,7 +212,11 @@ def read_rows(ref: RawRef, rows: tuple[int, int] | None):
         qtype = gguf.GGMLQuantizationType[ref.storage[len(GGML_PREFIX):]]
         blocks = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, ref.row_bytes)
         arr = gguf.quants.dequantize(blocks, qtype).reshape(shape)
+        if check is not None and not np.isfinite(arr).all():
+            _nonfinite(check)
         return mx.array(np.ascontiguousarray(arr, dtype=np.float32))
+    if check is not None:
+        check_finite(check, raw)
     np_dtype, view = STORAGE[ref.storage]
     arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
     out = mx.array(arr)  # copies out of the reused buffer
@@ -182,7 +229,7 @@ def compute(piece: Piece):
 
     from .transforms import DTYPES, TRANSFORMS
 
-    a = read_rows(piece.ref, piece.rows)
+    a = read_rows(piece.ref, piece.rows, check=piece)
     for name in piece.transforms:
         a = TRANSFORMS[name].apply(a)
     a = a.astype(DTYPES[piece.dtype])
@@ -209,7 +256,26 @@ def _pwrite(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
+def copy_piece(piece: Piece, fd: int) -> None:
+    """A tensor stored exactly as it is written (same dtype, no transform, no quantization):
+    read, checked for NaN/inf, written; no decoding."""
+    (offset, nbytes), = piece.dest
+    if nbytes != piece.source_bytes:
+        raise RuntimeError(f"copy piece of {piece.ref.path}: {piece.source_bytes} source bytes for {nbytes}")
+    r0 = piece.rows[0] if piece.rows is not None else 0
+    src_off = piece.ref.offset + r0 * piece.ref.row_bytes
+    step = 16 * 2**20
+    done = 0
+    while done < nbytes:
+        view = _pread(piece.ref.path, src_off + done, min(step, nbytes - done))
+        check_finite(piece, view)
+        _pwrite(fd, view, offset + done)
+        done += len(view)
+
+
 def run_piece(piece: Piece, fd: int) -> None:
+    if piece.copy:
+        return copy_piece(piece, fd)
     outs = compute(piece)
     for arr, (offset, nbytes) in zip(outs, piece.dest, strict=True):
         data = host_view(arr)
@@ -231,7 +297,7 @@ def run_job(job: Job) -> int:
 
 # ---------------------------------------------------------------- the worker pool
 
-HASH_IN_POOL_BYTES = 2**30   # fingerprint sources larger than this (in total) on the pool
+HASH_IN_POOL_BYTES = int(os.environ.get("FORGEKIT_HASH_IN_POOL_BYTES", 2**30))  # hash new sources on the pool above this
 _pool = None
 _pool_size = 0
 _pool_lock = threading.Lock()
@@ -279,7 +345,23 @@ def _get_pool(n: int):
             if _pool is not None:
                 _pool.terminate()
             ctx = multiprocessing.get_context("spawn")
-            _pool = ctx.Pool(n, initializer=_init_worker, initargs=(os.getpid(),))
+            import multiprocessing.spawn as spawn
+
+            # Workers need nothing from __main__: do not make them re-import it (it may be
+            # '<stdin>', a notebook, or a script without a __main__ guard).
+            original = spawn.get_preparation_data
+
+            def without_main(name):
+                data = original(name)
+                data.pop("init_main_from_path", None)
+                data.pop("init_main_from_name", None)
+                return data
+
+            spawn.get_preparation_data = without_main
+            try:
+                _pool = ctx.Pool(n, initializer=_init_worker, initargs=(os.getpid(),))
+            finally:
+                spawn.get_preparation_data = original
             _pool_size = n
         return _pool
 

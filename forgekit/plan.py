@@ -97,8 +97,8 @@ def check_output_location(recipe: Recipe) -> None:
         if spec.path is None:
             continue
         src = Path(spec.path).resolve()
-        src_dir = src if src.is_dir() else src.parent
-        if out == src_dir or src_dir in out.parents or out in src.parents:
+        inside_source_dir = src.is_dir() and src in out.parents
+        if out == src or inside_source_dir or out in src.parents:
             raise PlanError(f"{recipe_line(recipe, 'output', 'dir')}: output.dir {out} overlaps source "
                             f"'{role}' ({src}); the build replaces its output dir, so keep them apart")
 

@@ -105,15 +105,19 @@ def pieces_of(t: TensorPlan, source: TensorSource, ref: RawRef | None, base: int
     quant = (t.quant.bits, t.quant.group_size, t.quant.mode) if t.quant else None
     if ref is None:
         ref = RawRef("", 0, shape, "", 0)  # read through source.read in the parent
+    # Stored exactly as written: an in-kernel copy, no decoding (e.g. the bf16 matrices of the head).
+    copy = (quant is None and not t.transforms and ref.storage == ST_CODES.get(t.dtype)
+            and tuple(t.shape) == shape)
     if len(shape) < 2:
-        return [Piece(ref, None, t.transforms, t.dtype, quant, tuple((base + o, n) for o, n in parts))]
+        return [Piece(ref, None, t.transforms, t.dtype, quant, tuple((base + o, n) for o, n in parts), copy,
+                      t.source_key)]
     rows = shape[0]
     itemsize = max(_source_itemsize(ref, t.source_dtype), ITEMSIZE[t.dtype])
     per_row = [n // rows for _, n in parts]
     pieces = []
     for s in row_chunks(shape, itemsize):
         dest = tuple((base + o + s.start * r, (s.stop - s.start) * r) for (o, _), r in zip(parts, per_row))
-        pieces.append(Piece(ref, (s.start, s.stop), t.transforms, t.dtype, quant, dest))
+        pieces.append(Piece(ref, (s.start, s.stop), t.transforms, t.dtype, quant, dest, copy, t.source_key))
     return pieces
 
 
@@ -144,6 +148,12 @@ class _SourcePieces:
         try:
             for t, source, piece in self.items:
                 rows = slice(*piece.rows) if piece.rows else None
+                raw = source.read(t.source_key, rows)
+                if mx.issubdtype(raw.dtype, mx.floating) and not bool(mx.all(mx.isfinite(raw))):
+                    from .errors import SourceError
+
+                    raise SourceError(f"{t.source_file}: tensor '{t.source_key}' holds NaN or infinite "
+                                      f"(non-finite) values; the source is corrupt, refusing to build from it")
                 a = _prepared(t, source, rows)
                 outs = [a] if piece.quant is None else list(mx.quantize(
                     a, group_size=piece.quant[1], bits=piece.quant[0], mode=piece.quant[2]))

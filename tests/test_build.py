@@ -135,7 +135,7 @@ def test_trunk_has_no_mtp_keys_mlx_conv_layout_and_absolute_norms(built_demo):
         hf = src[k.replace("language_model.model.", "model.language_model.")]
         assert mx.array_equal(trunk[k], (hf + 1.0).astype(mx.bfloat16)), k  # HF zero-centred + 1
         mean = float(mx.mean(trunk[k].astype(mx.float32)))
-        assert 0.5 < mean < 1.6, f"{k} mean {mean}: not absolute"
+        assert 1.25 < mean < 2.4, f"{k} mean {mean}: not absolute (HF ~0.8 -> MLX ~1.8; double shift ~2.8)"
     gated = [k for k in trunk if k.endswith("linear_attn.norm.weight")]
     for k in gated:  # absolute in HF already: copied, never shifted
         assert mx.array_equal(trunk[k], src[k.replace("language_model.model.", "model.language_model.")]), k

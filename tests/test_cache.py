@@ -245,3 +245,27 @@ def test_cache_verify_finds_a_corrupt_object(tmp_path):
     assert cache_verify(root) == [victim["key"]]
     assert not path.exists()
     assert json.loads(json.dumps(cache_ls(root)))  # rows are plain JSON
+
+
+@pytest.mark.parametrize("tensor,value", [("ffn_up", np.array([0x7FC0], np.uint16)),          # bf16 NaN, copied as is
+                                          ("attn_q_norm", np.array([np.inf], np.float32))])   # f32 inf, cast to bf16
+def test_non_finite_head_values_fail_the_build_naming_the_tensor(tmp_path, tensor, value):
+    import gguf
+    import shutil
+
+    head = tmp_path / "head.gguf"
+    shutil.copyfile(HEAD_GGUF, head)
+    reader = gguf.GGUFReader(head)
+    mtp_block = max(int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk."))
+    t = next(t for t in reader.tensors if t.name == f"blk.{mtp_block}.{tensor}.weight")
+    offset = int(t.data_offset) + 8
+    del reader
+    with open(head, "r+b") as f:
+        f.seek(offset)
+        f.write(value.tobytes())
+    recipe = _recipe(tmp_path, extra=f"sources:\n  mtp: {{path: {head}}}\n")
+    proc = run_doit(recipe, tmp_path)
+    assert proc.returncode != 0
+    assert f"tensor '{t.name}' holds NaN or infinite" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out" / ".forgekit" / "manifest.json").exists()

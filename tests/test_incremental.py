@@ -274,9 +274,12 @@ def test_pool_and_doit_process_parallelism_give_identical_bytes(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
     proc = build(base_recipe(pool, verify="verify: []"), pool,
-                 env={"FORGEKIT_JOBS": "2", "FORGEKIT_POOL_MIN_BYTES": "0", "FORGEKIT_JOB_BYTES": "4096"})
+                 env={"FORGEKIT_JOBS": "2", "FORGEKIT_POOL_MIN_BYTES": "0", "FORGEKIT_JOB_BYTES": "4096",
+                      "FORGEKIT_HASH_IN_POOL_BYTES": "0"})
     assert "2 workers" in proc.stdout, proc.stdout
     assert file_bytes(pool / "out") == expected
+    manifest = lambda d: json.loads((d / "out" / ".forgekit" / "manifest.json").read_text())  # noqa: E731
+    assert manifest(pool)["build_key"] == manifest(serial)["build_key"]  # sources hashed on the pool: same keys
     multi = tmp_path / "multi"
     multi.mkdir()
     proc = build(base_recipe(multi, verify="verify: []"), multi, args=("-n", "2", "-P", "process"))

@@ -33,7 +33,8 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_build_writes_lock_and_locked_build_refuses_a_changed_source(tmp_path):
-    head = tmp_path / "head.gguf"
+    head = tmp_path / "src" / "head.gguf"
+    head.parent.mkdir()
     shutil.copyfile(HEAD_GGUF, head)
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, f"extends: qwen3.5-dense-mtp\nname: locked-demo\nsources:\n"
@@ -120,7 +121,8 @@ def test_lock_command_and_moved_hub_revision(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     recipe = write_recipe(tmp_path, f"extends: qwen3.5-dense-mtp\nname: hub-lock\nsources:\n"
                                     f"  body: {{repo: org/finetune, revision: main}}\n  mtp: {{path: {HEAD_GGUF}}}\n"
-                                    f"output: {{dir: {tmp_path / 'build' / 'hub-lock'}}}\n")
+                                    f"output: {{dir: {tmp_path / 'build' / 'hub-lock'}}}\n"
+                                    f"verify: [{{step: structural}}]\n")
     lock_file = tmp_path / "build" / "hub-lock.lock.json"
 
     code, out, err = cli(capsys, "lock", recipe, "--check")

@@ -107,7 +107,7 @@ def test_b_head_norms_left_zero_centred(good):
 
 def test_c_config_claims_the_swapped_concat_order(good):
     extra = child(config={"set": {"mtplx_mtp_contract": {"concat_order": "hidden_embedding"}}})
-    assert_build_fails(good, "c", extra, "mtp", "depth 1 acceptance", "concat_order hidden_embedding")
+    assert_build_fails(good, "c", extra, "mtp", "acceptance depth 1", "collapsed", "concat_order hidden_embedding")
 
 
 def test_f_head_quantized_to_4_bit(good):
@@ -137,7 +137,7 @@ def test_c_fc_halves_swapped_in_the_file(good, tmp_path):
         head["mtp.fc.weight"] = mx.concatenate([w[:, h:], w[:, :h]], axis=1)
         return head
     edit_head(d, swap)
-    assert_verify_fails(good, d, "mtp", "depth 1 acceptance")
+    assert_verify_fails(good, d, "mtp", "acceptance depth 1", "collapsed")
 
 
 def test_d_mtp_prefix_missing(good, tmp_path):

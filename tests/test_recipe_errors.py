@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
 from conftest import BODY, DEMO_RECIPE, HEAD_GGUF, run_doit, write_recipe
 
@@ -45,20 +46,25 @@ def test_unknown_transform(tmp_path):
     _fails_cleanly(tmp_path, _recipe(extra=extra), r"recipe\.yaml:\d+: remap\.body\[0\]\.transforms: unknown transform 'norm_shfit'")
 
 
+def _base_variant(edit_body_rules) -> str:
+    """The base recipe as a standalone recipe with an edited body table (lists replace, so copy it)."""
+    data = yaml.safe_load(BASE.read_text())
+    data["name"] = "t"
+    data["remap"]["body"] = edit_body_rules(data["remap"]["body"])
+    data["sources"] = {"body": {"path": str(BODY)}, "mtp": {"path": str(HEAD_GGUF)}}
+    data["output"] = {**data.get("output", {}), "dir": "out"}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def test_rule_that_matches_nothing(tmp_path):
-    base = BASE.read_text()
-    child = base.replace("name: qwen3.5-dense-mtp", "name: t").replace(
-        "    - {name: lm-head,", "    - {name: typo-rule, match: 'lm_haed\\.weight', to: 'x'}\n    - {name: lm-head,")
-    child += f"sources:\n  body: {{path: {BODY}}}\n  mtp: {{path: {HEAD_GGUF}}}\noutput: {{dir: out}}\n"
-    _fails_cleanly(tmp_path, child, r"recipe\.yaml:\d+: remap\.body\[\d+\] rule 'typo-rule' matched no tensor")
+    typo = {"name": "typo-rule", "match": r"lm_haed\.weight", "to": "x"}
+    text = _base_variant(lambda rules: rules[:-1] + [typo] + rules[-1:])
+    _fails_cleanly(tmp_path, text, r"recipe\.yaml:\d+: remap\.body\[\d+\] rule 'typo-rule' matched no tensor")
 
 
 def test_source_tensor_nobody_maps(tmp_path):
-    base = BASE.read_text()
-    child = base.replace("name: qwen3.5-dense-mtp", "name: t").replace(
-        "    - {name: vision-tower, match: 'model\\.visual\\..*', drop: true, optional: true}\n", "")
-    child += f"sources:\n  body: {{path: {BODY}}}\n  mtp: {{path: {HEAD_GGUF}}}\noutput: {{dir: out}}\n"
-    err = _fails_cleanly(tmp_path, child, r"remap\.body: no rule maps or drops \d+ tensor\(s\) of source 'body'",
+    text = _base_variant(lambda rules: [r for r in rules if r["name"] != "vision-tower"])
+    err = _fails_cleanly(tmp_path, text, r"remap\.body: no rule maps or drops \d+ tensor\(s\) of source 'body'",
                          r"model\.visual\.")
     assert len(err.splitlines()) == 1
 

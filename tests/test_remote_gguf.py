@@ -54,7 +54,8 @@ def make_big_gguf(path, layers=4, trunk_bytes=24 * 2**20, tokens=20000, h=256, s
         a = rng.integers(0, 2**16, size=(rows, cols), dtype=np.uint16)
         w.add_tensor(name, a, raw_dtype=gguf.GGMLQuantizationType.BF16)
         written[name] = a
-    w.add_tensor("output_norm.weight", np.ones(h, np.float32) * 1.5)
+    written["output_norm.weight"] = np.ones(h, np.float32) * 1.5
+    w.add_tensor("output_norm.weight", written["output_norm.weight"])
     for n, shape in head_shapes(h, 2, 1, 64, 3 * h).items():
         name = f"blk.{layers}.{n}.weight"
         if len(shape) == 1:
@@ -107,10 +108,11 @@ def test_head_is_fetched_by_byte_range_within_budget(hub, tmp_path, monkeypatch)
     commit = hub.add("org/big-GGUF", {"big-MTP.gguf": big})
     reader = gguf.GGUFReader(str(big))
     tensors = {t.name: t for t in reader.tensors}
-    head = {n: t for n, t in tensors.items() if n.startswith("blk.4.")}
-    assert len(head) == 15
+    # The head, plus output_norm: the few KB the norms step needs to prove the GGUF's convention.
+    head = {n: t for n, t in tensors.items() if n.startswith("blk.4.") or n == "output_norm.weight"}
+    assert len(head) == 16
     data_start = min(int(t.data_offset) for t in reader.tensors)
-    head_bytes = sum(int(t.n_bytes) for t in head.values())
+    head_bytes = sum(int(t.n_bytes) for n, t in head.items() if n.startswith("blk.4."))  # the 15 head tensors
     size = big.stat().st_size
     assert head_bytes + data_start < 0.1 * size  # the head is a small fraction, as for a 9B release
 
@@ -134,14 +136,16 @@ def test_head_is_fetched_by_byte_range_within_budget(hub, tmp_path, monkeypatch)
         assert source.info(name).shape == written[name].shape
     assert sorted(source.unread) == sorted(n for n in tensors if n not in head)
     assert source.files[0].stat().st_size < data_start + head_bytes + 64 * 1024
+    print(f"served {served} bytes for header {data_start} + head {head_bytes} of a {size}-byte file")
     assert source.metadata["qwen35.nextn_predict_layers"] == 1 and source.mtp_block() == 4
     # Every tensor of the remote file is accounted for by the recipe's table.
     rules = load_recipe("qwen3.5-dense-mtp").remap["mtp"]
     result = Table(rules, {"mtp_block": "4"}).apply(source.keys() + source.unread)
     assert not result.unmatched_keys and not result.unused_rules and len(result.mapped) == 15
+    assert result.dropped["output_norm.weight"] == "gguf-trunk"
     assert prov == {"role": "mtp", "repo": "org/big-GGUF", "revision": "main", "file": "big-MTP.gguf",
                     "commit": commit, "fetch": "ranges",
-                    "remote": {"size": size, "etag": prov["remote"]["etag"], "tensors": 15}}
+                    "remote": {"size": size, "etag": prov["remote"]["etag"], "tensors": 16}}
     assert source.remote["bytes_downloaded"] == served
 
     # Second open: one HEAD to resolve the revision, no body bytes.

@@ -8,7 +8,8 @@ an ~18 GB file for a 9B model). This module:
 2. uses the full file instead when huggingface_hub's cache already holds it;
 3. reads the header with ranged GETs of growing size (at most 25% + 64 KiB more than
    the header itself), parses the tensor table, asks the plan's `keep(name,
-   placeholders)` which tensors it needs (`{mtp_block}` comes from the header);
+   placeholders)` which tensors it needs (`{mtp_block}` comes from the header), plus
+   `output_norm.weight` (a few KB: the evidence of the file's norm convention);
 4. fetches just those byte ranges (adjacent tensors coalesced into one request) and
    writes a small, valid GGUF holding the original key/value metadata verbatim and
    only those tensors, which the ordinary `GGUFSource` opens. The other tensors are
@@ -41,6 +42,9 @@ MIN_CHUNK = 64 * 1024            # first header request; later ones grow with wh
 MERGE_GAP = 64 * 1024            # tensors closer than this are fetched in one request
 STREAM_CHUNK = 4 * 2**20
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+# Fetched even when the plan drops them: a few KB that prove the file's norm convention (the
+# norms verify step compares the GGUF's output_norm with the body's final norm, REFERENCE §2).
+EVIDENCE = ("output_norm.weight",)
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
@@ -448,7 +452,7 @@ def open_remote_gguf(role: str, repo: str, file: str, revision: str | None,
         raise hub._hub_error(repo, revision, exc) from None
     block = header.mtp_block()
     placeholders = {"mtp_block": str(block)} if block is not None else {}
-    needed = [t for t in header.tensors if keep(t.name, placeholders)]
+    needed = [t for t in header.tensors if keep(t.name, placeholders) or t.name in EVIDENCE]
     compact = paths.compact(res.commit, [t.name for t in needed])
     if not compact.is_file():
         if res.remote is None:

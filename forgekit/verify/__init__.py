@@ -13,7 +13,7 @@ import importlib
 import time
 from pathlib import Path
 
-from ..errors import VerifyError
+from ..errors import ForgeError, VerifyError
 from ..recipe import VerifyStep
 
 
@@ -21,7 +21,12 @@ def run_step(step: VerifyStep, directory: Path, plan) -> dict:
     """Run one step (module forgekit.verify.<step>, function run)."""
     module = importlib.import_module(f"{__name__}.{step.step}")
     start = time.time()
-    result = module.run(Path(directory), plan, dict(step.params))
+    try:
+        result = module.run(Path(directory), plan, dict(step.params))
+    except VerifyError:
+        raise
+    except ForgeError as exc:  # e.g. a corrupt file met while checking: still this step's failure
+        raise VerifyError(step.step, str(exc)) from None
     result.setdefault("passed", True)
     result["step"] = step.step
     result["params"] = dict(step.params)
@@ -41,6 +46,8 @@ def verify_directory(directory: Path | str, recipe_ref: str) -> dict:
     from ..tasks import plan_for
 
     directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ForgeError(f"{directory}: not a model directory (no config.json)")
     plan = plan_for(str(recipe_ref))
     results = []
     for step in plan.recipe.verify:

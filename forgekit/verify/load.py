@@ -5,6 +5,8 @@ finite logits for the trunk and for a depth-1 draft.
 Also the loading helpers the parity and mtp steps share (`load_body`, `load_head`,
 `trunk`, `prompt_tokens`). The last loaded body is kept, so the steps of one build
 load a large model once.
+
+params: tokens (fixed token ids; default 4 deterministic ids), compute_dtype (float32).
 """
 
 from __future__ import annotations
@@ -25,14 +27,42 @@ def _signature(directory: Path) -> tuple:
     return (str(directory.resolve()),) + tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def load_body(directory: Path):
-    """(model, tokenizer) through mlx-lm's own loader, strict; cached for the last directory."""
+COMPUTE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+
+
+def compute_dtype(params: dict):
+    """The float dtype the probes run the built model in (params `compute_dtype`).
+
+    Default float32: the stored weights are unchanged (packed 4-bit values; bf16 scales,
+    biases and norms widen exactly to float32), only activations are wider than on an
+    Apple GPU. mlx's CPU quantized matmul is many times slower in bf16 (bench/probe_cost.py).
+    """
+    name = params.get("compute_dtype", "float32")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype '{name}' is not one of {sorted(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def cast_floats(module, dtype) -> None:
+    """Cast a module's bf16/f16 parameters to `dtype` (float32 A_log and packed ints untouched)."""
+    from mlx.utils import tree_map
+
+    if dtype != mx.bfloat16:
+        module.update(tree_map(lambda v: v.astype(dtype) if v.dtype in (mx.bfloat16, mx.float16) else v,
+                               module.parameters()))
+        mx.eval(module.parameters())
+
+
+def load_body(directory: Path, dtype=mx.bfloat16):
+    """(model, tokenizer) through mlx-lm's own loader, strict, floats cast to `dtype`;
+    cached for the last directory and dtype."""
     from mlx_lm import load
 
-    key = _signature(Path(directory))
+    key = (_signature(Path(directory)), str(dtype))
     if _BODY_CACHE.get("key") != key:
         _BODY_CACHE.clear()
         model, tokenizer = load(str(directory))
+        cast_floats(model, dtype)
         _BODY_CACHE.update(key=key, value=(model, tokenizer))
     return _BODY_CACHE["value"]
 
@@ -53,11 +83,12 @@ def contract(config: dict) -> dict:
             "concat_order": declared.get("concat_order", "embedding_hidden")}
 
 
-def load_head(directory: Path, config: dict) -> MTPHeadModel:
+def load_head(directory: Path, config: dict, dtype=mx.bfloat16) -> MTPHeadModel:
     """The head file loaded strictly (exact keys and shapes) with the config's concat order."""
     model = MTPHeadModel(text_args(config), concat_order=contract(config)["concat_order"])
     model.load_weights(list(mx.load(str(head_file(directory, config))).items()), strict=True)
     model.eval()
+    cast_floats(model, dtype)
     mx.eval(model.parameters())
     return model
 
@@ -84,16 +115,17 @@ def prompt_tokens(prompts: list, tokenizer, max_tokens: int | None = None) -> li
 def run(directory: Path, plan, params: dict) -> dict:
     config = json.loads((directory / "config.json").read_text())
     try:
-        model, tokenizer = load_body(directory)
+        dtype = compute_dtype(params)
+        model, tokenizer = load_body(directory, dtype)
     except Exception as exc:  # mlx-lm's own words are the cause
         return {"passed": False, "cause": f"mlx-lm cannot load the body: {type(exc).__name__}: {exc}"}
     try:
-        head = load_head(directory, config)
+        head = load_head(directory, config, dtype)
     except Exception as exc:
         return {"passed": False, "cause": f"{head_file(directory, config).name} does not load strictly into "
                                           f"the MTP module tree: {exc}"}
     vocab = text_args(config).vocab_size
-    ids = params.get("tokens") or [(7 * i + 3) % vocab for i in range(16)]
+    ids = params.get("tokens") or [(7 * i + 3) % vocab for i in range(4)]  # 9B: ~13 s a token on CPU
     tokens = mx.array([ids])
     decoder, embed, lm_head = trunk(model)
     hidden = decoder(tokens)
@@ -106,5 +138,6 @@ def run(directory: Path, plan, params: dict) -> dict:
         if not bool(mx.all(mx.isfinite(value))):
             return {"passed": False, "cause": f"{name} logits on fixed tokens are not finite (NaN/inf)"}
     return {"passed": True, "summary": {"tokens": len(ids), "vocab": vocab,
+                                        "compute_dtype": str(dtype).split(".")[-1],
                                         "trunk_logit_absmax": round(float(mx.max(mx.abs(logits))), 3),
                                         "head_logit_absmax": round(float(mx.max(mx.abs(draft_logits))), 3)}}

@@ -19,7 +19,7 @@ The step fails when acceptance[d] is below the recipe's threshold for depth d, o
 or below `collapse` (0.05) at any depth.
 
 params: prompts (token id lists or text), max_prompt_tokens, new_tokens (32), depth
-(3), min_agreement (one threshold per depth), collapse (0.05).
+(3), min_agreement (one threshold per depth), collapse (0.05), compute_dtype (float32).
 """
 
 from __future__ import annotations
@@ -32,21 +32,25 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import draft_chain
-from .load import contract, load_body, load_head, prompt_tokens, trunk
+from .load import compute_dtype, contract, load_body, load_head, prompt_tokens, trunk
 
 
 def greedy_trace(model, prompts: mx.array, new_tokens: int) -> tuple[mx.array, mx.array]:
-    """Tokens [B, P+new] and post-norm hidden [B, P+new, H] of the trunk's greedy run."""
+    """Tokens [B, P+new] and post-norm hidden [B, P+new, H] of the trunk's greedy run.
+
+    The hidden state of the last token is never used by `draft_chain` (nothing follows
+    it), so it is left as zeros instead of costing one more decode step.
+    """
     from mlx_lm.models.cache import make_prompt_cache
 
     decoder, _, lm_head = trunk(model)
     cache = make_prompt_cache(model)
     hidden = [decoder(prompts, cache=cache)]
     tokens = [prompts]
-    for _ in range(new_tokens):
+    for i in range(new_tokens):
         nxt = mx.argmax(lm_head(hidden[-1][:, -1]), axis=-1)[:, None].astype(prompts.dtype)
         tokens.append(nxt)
-        hidden.append(decoder(nxt, cache=cache))
+        hidden.append(decoder(nxt, cache=cache) if i < new_tokens - 1 else mx.zeros_like(hidden[-1][:, -1:]))
         mx.eval(nxt, hidden[-1])
     return mx.concatenate(tokens, axis=1), mx.concatenate(hidden, axis=1)
 
@@ -92,9 +96,13 @@ def run(directory: Path, plan, params: dict) -> dict:
     if not params.get("prompts"):
         return {"passed": False, "cause": "the recipe gives the mtp step no prompts"}
     start = time.time()
-    model, tokenizer = load_body(directory)
-    head = load_head(directory, config).mtp
-    ids = prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
+    try:
+        dtype = compute_dtype(params)
+        model, tokenizer = load_body(directory, dtype)
+        head = load_head(directory, config, dtype).mtp
+        ids = prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
+    except Exception as exc:  # the load step names these precisely; here they only stop the probe
+        return {"passed": False, "cause": f"cannot set up the probe: {type(exc).__name__}: {exc}"}
     prompt_len = min(len(p) for p in ids)          # one batch: every prompt cut to the shortest
     prompts = mx.array([p[:prompt_len] for p in ids])
     load_seconds = time.time() - start
@@ -107,16 +115,16 @@ def run(directory: Path, plan, params: dict) -> dict:
     summary = {**stats, "depth": depth, "prompts": len(ids), "prompt_tokens": prompt_len,
                "new_tokens": new_tokens, "trunk_tokens": int(tokens.size),
                "head_positions": int(drafts.size), "concat_order": declared["concat_order"],
+               "compute_dtype": str(dtype).split(".")[-1],
                "seconds": {"load": round(load_seconds, 2), "trace": round(trace_seconds, 2),
                            "draft": round(time.time() - start - load_seconds - trace_seconds, 2)}}
-    problems = []
-    for d, (got, want) in enumerate(zip(stats["acceptance"], thresholds), 1):
-        if got <= collapse:
-            problems.append(f"depth {d} acceptance {got:.3f} <= {collapse}: collapsed (the head does not "
-                            f"draft for this trunk under the declared contract, concat_order "
-                            f"{declared['concat_order']})")
-        elif got < want:
-            problems.append(f"depth {d} acceptance {got:.3f} < threshold {want}")
+    collapsed = [f"depth {d} {a:.3f}" for d, a in enumerate(stats["acceptance"], 1) if a <= collapse]
+    low = [f"depth {d} acceptance {a:.3f} < threshold {t}"
+           for d, (a, t) in enumerate(zip(stats["acceptance"], thresholds), 1) if collapse < a < t]
+    problems = low
+    if collapsed:
+        problems = [f"acceptance {', '.join(collapsed)} <= {collapse}: collapsed (the head does not draft "
+                    f"for this trunk under the declared contract, concat_order {declared['concat_order']})"] + low
     if problems:
-        return {"passed": False, "cause": "; ".join(problems[:2]), "summary": summary}
+        return {"passed": False, "cause": "; ".join(problems), "summary": summary}
     return {"passed": True, "summary": summary}

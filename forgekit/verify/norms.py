@@ -204,6 +204,8 @@ def run(directory: Path, plan, params: dict) -> dict:
             problems.append(f"trunk '{first}' mean {effective:.3f}{extra} is above MTPLX's refusal line "
                             f"{REFUSAL_Q_NORM_MEAN} (double-shifted trunk)")
         for k, m in q_means.items():
+            if k == first and effective > REFUSAL_Q_NORM_MEAN:
+                continue  # already reported against the refusal line
             if (lo is not None and m < lo) or (hi is not None and m > hi):
                 problems.append(f"trunk '{k}' mean {m:.3f} is outside the absolute range [{lo}, {hi}]")
                 break

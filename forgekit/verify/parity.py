@@ -9,7 +9,8 @@ The source is loaded only while its logits are computed, so the two models are n
 in memory together (a 9B bf16 body is ~18 GB).
 
 params: prompts, new_tokens (0), max_prompt_tokens, random {count, length, seed}
-(used without prompts), min_top1, max_mean_kl.
+(used without prompts), min_top1, max_mean_kl, compute_dtype (float32: the built body's
+floats widened, as in the mtp step; the bf16 source runs as stored, dense bf16 is fast).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import text_args
-from .load import forget_body, load_body, prompt_tokens, trunk
+from .load import compute_dtype, forget_body, load_body, prompt_tokens, trunk
 
 
 def _greedy_extend(model, ids: list[int], new_tokens: int) -> list[int]:
@@ -65,18 +66,22 @@ def run(directory: Path, plan, params: dict) -> dict:
     root = plan.sources["body"].root
     if root is None:
         return {"passed": False, "cause": "the body source is not a model directory mlx-lm can load"}
-    _, tokenizer = load_body(directory)
-    forget_body()                     # one model in memory at a time
-    gc.collect()
     start = time.time()
-    source, _ = load(str(root))
-    seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
+    try:
+        dtype = compute_dtype(params)
+        _, tokenizer = load_body(directory, dtype)
+        forget_body()                 # one model in memory at a time
+        gc.collect()
+        source, _ = load(str(root))
+        seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
+    except Exception as exc:
+        return {"passed": False, "cause": f"cannot set up the comparison: {type(exc).__name__}: {exc}"}
     seqs = [_greedy_extend(source, s, int(params.get("new_tokens", 0))) for s in seqs]
     reference = [np.array(_log_probs(source, s)) for s in seqs]
     source_seconds = time.time() - start
     del source
     gc.collect()
-    built, _ = load_body(directory)
+    built, _ = load_body(directory, dtype)
     agree, kls = [], []
     for seq, ref in zip(seqs, reference):
         lp = np.array(_log_probs(built, seq))
@@ -86,7 +91,7 @@ def run(directory: Path, plan, params: dict) -> dict:
     top1, mean_kl = float(agree.mean()), float(kls.mean())
     summary = {"sequences": len(seqs), "positions": int(agree.size), "top1": round(top1, 4),
                "mean_kl": round(mean_kl, 5), "max_kl": round(float(kls.max()), 5),
-               "source_seconds": round(source_seconds, 2)}
+               "source_seconds": round(source_seconds, 2), "compute_dtype": str(dtype).split(".")[-1]}
     problems = []
     if top1 < min_top1:
         problems.append(f"top-1 agreement with the bf16 source {top1:.3f} < {min_top1}")

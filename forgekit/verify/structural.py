@@ -1,6 +1,9 @@
-"""structural: file placement, exact head key set/dtypes/shapes, no mtp.* in the trunk,
-conv1d layout, quantization consistent with config.json, every mlx-lm module present,
-every source tensor accounted for."""
+"""structural: file placement, exact head key set/dtypes/shapes (a quantized head or keys
+without the `mtp.` prefix are named as such), no mtp.* in the trunk, conv1d layout,
+quantization consistent with config.json, every mlx-lm module present, every source
+tensor accounted for.
+
+params: head_dtype (safetensors dtype code the head must have, default BF16)."""
 
 from __future__ import annotations
 
