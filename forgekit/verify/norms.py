@@ -154,6 +154,47 @@ def _grouped(found: dict[tuple[str, str], list[str]]) -> list[str]:
     return out
 
 
+def _trunk_q_norm_problems(norms: dict, where: dict, params: dict, summary: dict) -> list[str]:
+    """MTPLX's refusal line on the first trunk q_norm, and the recipe's absolute band on all."""
+    q_means = {k: float(mx.mean(v)) for k, v in norms.items() if k.endswith("self_attn.q_norm.weight")
+               and not k.startswith("mtp.") and where[k].startswith("model")}
+    if not q_means:
+        return []
+    first = min(q_means, key=lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)])
+    stray_mtp = any(k.startswith("mtp.") and where[k].startswith("model") for k in norms)
+    effective = q_means[first] + (1.0 if stray_mtp else 0.0)
+    lo, hi = params.get("q_norm_mean", [None, REFUSAL_Q_NORM_MEAN])
+    summary.update(trunk_q_norm_mean_first=round(q_means[first], 4),
+                   trunk_q_norm_mean_range=[round(min(q_means.values()), 4), round(max(q_means.values()), 4)])
+    problems = []
+    if effective > REFUSAL_Q_NORM_MEAN:
+        extra = " after mlx-lm 0.31 adds +1 for the mtp.* keys in the trunk files" if stray_mtp else ""
+        problems.append(f"trunk '{first}' mean {effective:.3f}{extra} is above MTPLX's refusal line "
+                        f"{REFUSAL_Q_NORM_MEAN} (double-shifted trunk)")
+    outside = [k for k, m in q_means.items() if not (k == first and problems)
+               and ((lo is not None and m < lo) or (hi is not None and m > hi))]
+    if outside:
+        problems.append(f"trunk '{outside[0]}' mean {q_means[outside[0]]:.3f} is outside the absolute "
+                        f"range [{lo}, {hi}]")
+    return problems
+
+
+def _head_problems(head: dict, summary: dict) -> list[str]:
+    """MTPLX's head detector (ours and, when importable, its own) must not call the head zero-centred."""
+    if not head:
+        return []
+    zero_centred, numbers = head_is_zero_centred(head)
+    theirs = mtplx_says_zero_centred(head)
+    summary.update(numbers, head_detector_zero_centred=zero_centred, mtplx_detector_zero_centred=theirs)
+    if theirs is not None and theirs != zero_centred:
+        return [f"MTPLX's head detector says zero_centred={theirs}, forgekit's formula {zero_centred}"]
+    if zero_centred:
+        return [f"MTPLX would classify the head as zero-centred and add +1 at load "
+                f"(max mean q/k norm {numbers['head_qk_mean_max']} < {HEAD_QK_DELTA_MAX} and min mean "
+                f"input/post/pre_fc norm {numbers['head_low_mean_min']} < {HEAD_LOW_DELTA_MAX})"]
+    return []
+
+
 def run(directory: Path, plan, params: dict) -> dict:
     tol = float(params.get("tolerance", 0.01))
     norms, where = output_norms(directory)
@@ -190,37 +231,8 @@ def run(directory: Path, plan, params: dict) -> dict:
     problems += _grouped(found)
     summary["max_abs_deviation"] = round(worst, 5)
 
-    q_means = {k: float(mx.mean(v)) for k, v in norms.items() if k.endswith("self_attn.q_norm.weight")
-               and not k.startswith("mtp.") and where[k].startswith("model")}
-    if q_means:
-        first = min(q_means, key=lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)])
-        stray_mtp = any(k.startswith("mtp.") and where[k].startswith("model") for k in norms)
-        effective = q_means[first] + (1.0 if stray_mtp else 0.0)
-        lo, hi = params.get("q_norm_mean", [None, REFUSAL_Q_NORM_MEAN])
-        summary.update(trunk_q_norm_mean_first=round(q_means[first], 4),
-                       trunk_q_norm_mean_range=[round(min(q_means.values()), 4), round(max(q_means.values()), 4)])
-        if effective > REFUSAL_Q_NORM_MEAN:
-            extra = " after mlx-lm 0.31 adds +1 for the mtp.* keys in the trunk files" if stray_mtp else ""
-            problems.append(f"trunk '{first}' mean {effective:.3f}{extra} is above MTPLX's refusal line "
-                            f"{REFUSAL_Q_NORM_MEAN} (double-shifted trunk)")
-        for k, m in q_means.items():
-            if k == first and effective > REFUSAL_Q_NORM_MEAN:
-                continue  # already reported against the refusal line
-            if (lo is not None and m < lo) or (hi is not None and m > hi):
-                problems.append(f"trunk '{k}' mean {m:.3f} is outside the absolute range [{lo}, {hi}]")
-                break
-
-    head = {k: v for k, v in norms.items() if not where[k].startswith("model")}
-    if head:
-        zero_centred, numbers = head_is_zero_centred(head)
-        theirs = mtplx_says_zero_centred(head)
-        summary.update(numbers, head_detector_zero_centred=zero_centred, mtplx_detector_zero_centred=theirs)
-        if theirs is not None and theirs != zero_centred:
-            problems.append(f"MTPLX's head detector says zero_centred={theirs}, forgekit's formula {zero_centred}")
-        elif zero_centred:
-            problems.append(f"MTPLX would classify the head as zero-centred and add +1 at load "
-                            f"(max mean q/k norm {numbers['head_qk_mean_max']} < {HEAD_QK_DELTA_MAX} and min mean "
-                            f"input/post/pre_fc norm {numbers['head_low_mean_min']} < {HEAD_LOW_DELTA_MAX})")
+    problems += _trunk_q_norm_problems(norms, where, params, summary)
+    problems += _head_problems({k: v for k, v in norms.items() if not where[k].startswith("model")}, summary)
     if problems:
         return {"passed": False, "cause": "; ".join(problems), "summary": summary}
     return {"passed": True, "summary": summary}
