@@ -10,6 +10,7 @@ Writes, under --out:
                              and tokenizer files (so 2/4/8-layer bodies cost the 8-layer disk)
     head-<N>L-MTP-BF16.gguf  llama.cpp qwen35 layout, only the 15 blk.N.* MTP tensors
                              (block_count = N + 1, nextn_predict_layers = 1), norms F32, matrices BF16
+    head-<N>L-alt-MTP-BF16.gguf  the same with other random values (a changed head source)
 
 The 9B preset uses Qwen3.5-9B's widths (hidden 4096, intermediate 12288, vocab 248320,
 16/4 heads x 256, linear attention 16/32 heads x 128, conv 4): 4 layers are ~5.9 GiB bf16.
@@ -306,6 +307,9 @@ def main(argv=None) -> None:
         head = out / f"head-{layers}L-MTP-BF16.gguf"
         if not head.is_file():
             write_head_gguf(head, args.preset, layers, args.seed + 1000 + layers)
+        alt = out / f"head-{layers}L-alt-MTP-BF16.gguf"   # another head: a "head source changed" rebuild
+        if not alt.is_file():
+            write_head_gguf(alt, args.preset, layers, args.seed + 2000 + layers)
         size = sum(p.stat().st_size for p in body.glob("*.safetensors"))
         print(f"{body}: {layers} layers, {size / 2**30:.2f} GiB bf16; head {head.name} "
               f"({head.stat().st_size / 2**20:.0f} MiB)", flush=True)

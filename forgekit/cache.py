@@ -100,11 +100,35 @@ def hash_bytes(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
+HASH_WINDOW = 64 * 2**20
+
+
 def hash_file(path: Path) -> str:
+    """xxh3_128 of a file's bytes.
+
+    Large files are hashed through 64 MiB memory-map windows (about twice as fast as read():
+    no copy out of the page cache; resident memory stays one window), small ones with read().
+    """
+    import mmap
+
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0
+        if size >= HASH_WINDOW:
+            try:
+                while offset < size:
+                    n = min(HASH_WINDOW, size - offset)
+                    with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset) as m:
+                        h.update(m)
+                    offset += n
+            except (OSError, ValueError):
+                pass  # fall back to read() from where we are
+        f.seek(offset)
+        buf = bytearray(READ_CHUNK)
+        view = memoryview(buf)
+        while n := f.readinto(view):
+            h.update(view[:n])
     return h.hexdigest()
 
 

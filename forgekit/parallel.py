@@ -6,15 +6,18 @@ and write the results at known byte offsets of a preallocated output file. Piece
 overlap and quantization works per row group, so pieces can run in any order, in any
 process, and the file comes out byte-identical to a sequential write.
 
-Workers are spawned processes (not threads: measured, mlx's CPU quantize does not run
-two threads in parallel; not fork: the parent has mlx loaded). They import only numpy,
-mlx and this module, read sources with pread (no mmap, so resident memory stays one
-piece per worker), and exit when their parent dies.
+The parent works on a shard's pieces itself and shares them with `FORGEKIT_JOBS - 1` helper
+processes (so it never waits for helpers to start). Helpers are spawned (not forked: the
+parent has mlx loaded) and are not threads: measured, mlx's CPU quantize does not run two
+threads in parallel. Helpers import only numpy, mlx and this module, read sources with
+pread (no mmap, so resident memory stays one piece per process), and exit when their
+parent dies.
 
 Environment:
-  FORGEKIT_JOBS            worker processes (default: usable cores, at most 8)
-  FORGEKIT_POOL_MIN_BYTES  shards with less work run in-process unless the pool is already up
-                           (work = source bytes, quantized ones counted 4x; default 1 GiB)
+  FORGEKIT_JOBS            processes working on a shard, the parent included (default: usable
+                           cores, at most 8)
+  FORGEKIT_POOL_MIN_BYTES  shards with less work run in the parent alone unless the helpers are
+                           already up (work = source bytes, quantized ones counted 4x; default 256 MiB)
   FORGEKIT_JOB_BYTES       source bytes batched into one job (default 32 MiB; tests use tiny jobs)
   FORGEKIT_HASH_IN_POOL_BYTES  new/changed sources totalling more are hashed on the pool (default 1 GiB)
   FORGEKIT_TEST_PIECE_DELAY  seconds to sleep before each piece (tests: interrupt a build)
@@ -26,9 +29,10 @@ import multiprocessing
 import os
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 
@@ -141,9 +145,12 @@ def _fd(path: str, flags: int) -> int:
 
 
 def close_files() -> None:
+    """Close cached descriptors and drop the reusable buffers (the parent calls this after a shard)."""
+    global _buffer, _scratch, _mx_buffer
     for fd in _fds.values():
         os.close(fd)
     _fds.clear()
+    _buffer, _scratch, _mx_buffer = bytearray(), np.empty(0, dtype=np.uint8), None
 
 
 def _pread(path: str, offset: int, n: int) -> memoryview:
@@ -367,15 +374,51 @@ def _get_pool(n: int):
 
 
 def prestart() -> bool:
-    """Start the worker pool now (its processes import while the parent keeps working)."""
+    """Start the helper processes now (they import while the parent keeps working).
+
+    The parent is always one of the workers, so `worker_count() - 1` helpers are started."""
     n = worker_count()
     if n <= 1:
         return False
-    _get_pool(n)
+    _get_pool(n - 1)
     return True
 
 
-def _hash(path: str) -> tuple[str, str, tuple]:
+def _share(fn: Callable, items: list, on_result: Callable, prefetch: int = 2) -> int:
+    """Run fn over items on the parent *and* the helper pool; returns the processes used.
+
+    The parent takes items from the front, helpers from the back (at most `prefetch` queued
+    per helper), so the parent starts at once (no wait for helpers to spawn) and the two
+    ends meet without a straggler. Exceptions from any side propagate.
+    """
+    helpers = _pool_size if _pool is not None else 0
+    pending = deque(items)
+    inflight: list = []
+
+    def collect(block: bool) -> None:
+        nonlocal inflight
+        if block and inflight and not any(r.ready() for r in inflight):
+            inflight[0].wait(0.05)
+        keep = []
+        for r in inflight:
+            if r.ready():
+                on_result(r.get())
+            else:
+                keep.append(r)
+        inflight = keep
+
+    while pending or inflight:
+        collect(block=False)
+        while helpers and pending and len(inflight) < helpers * prefetch:
+            inflight.append(_pool.apply_async(fn, (pending.pop(),)))
+        if pending:
+            on_result(fn(pending.popleft()))
+        else:
+            collect(block=True)
+    return 1 + helpers
+
+
+def _hash(path: str) -> tuple[str, str, bool]:
     from .cache import hash_file
 
     before = os.stat(path)
@@ -386,15 +429,18 @@ def _hash(path: str) -> tuple[str, str, tuple]:
 
 
 def hash_files(paths: list[str]) -> dict[str, tuple[str, bool]]:
-    """xxh3 digests of several files, one file per worker process at a time (biggest first).
+    """xxh3 digests of several files, hashed side by side by the parent and the helpers.
 
     Returns path -> (digest, unchanged while hashed)."""
-    if not paths:
-        return {}
-    if not prestart():
-        return {p: _hash(p)[1:] for p in paths}
-    order = sorted(paths, key=lambda p: -os.path.getsize(p))
-    return {p: (d, same) for p, d, same in _pool.imap_unordered(_hash, order, chunksize=1)}
+    out: dict[str, tuple[str, bool]] = {}
+
+    def keep(result) -> None:
+        path, digest, same = result
+        out[path] = (digest, same)
+
+    prestart()
+    _share(_hash, sorted(paths, key=lambda p: -os.path.getsize(p)), keep, prefetch=1)
+    return out
 
 
 def shutdown() -> None:
@@ -407,24 +453,28 @@ def shutdown() -> None:
 
 
 def run_jobs(jobs: list[Job], on_done: Callable[[int], None] | None = None) -> int:
-    """Run jobs on the pool (or in-process when small / single core); returns workers used."""
+    """Run a shard's jobs on the parent plus the helper pool (the parent alone for small
+    shards, unless the helpers are already up); returns the processes used."""
+    import mlx.core as mx
+
     work = sum(p.work for j in jobs for p in j.pieces)
     n = min(worker_count(), len(jobs))
-    min_work = int(os.environ.get("FORGEKIT_POOL_MIN_BYTES", str(2**30)))
-    if n <= 1 or (work < min_work and _pool is None):
-        try:
-            for job in jobs:
-                done = run_job(job)
-                if on_done:
-                    on_done(done)
-        finally:
-            close_files()
-            import mlx.core as mx
+    min_work = int(os.environ.get("FORGEKIT_POOL_MIN_BYTES", str(256 * 2**20)))
+    if n > 1 and (work >= min_work or _pool is not None):
+        prestart()
+    previous = mx.set_cache_limit(64 * 2**20)  # the parent's own mlx cache, restored below
+    try:
+        used = _share(run_job, jobs, on_done or (lambda done: None)) if n > 1 else _serial(jobs, on_done)
+    finally:
+        close_files()
+        mx.set_cache_limit(previous)
+        mx.clear_cache()
+    return used
 
-            mx.clear_cache()
-        return 1
-    results: Iterable[int] = _get_pool(n).imap_unordered(run_job, jobs, chunksize=1)
-    for done in results:
+
+def _serial(jobs: list[Job], on_done) -> int:
+    for job in jobs:
+        done = run_job(job)
         if on_done:
             on_done(done)
-    return n
+    return 1

@@ -211,7 +211,7 @@ def _staged(plan: BuildPlan) -> dict | None:
     return record
 
 
-def _ensure_staged(plan: BuildPlan, recipe_ref: str) -> dict:
+def _ensure_staged(plan: BuildPlan) -> dict:
     record = _staged(plan)
     if record is None:
         _stage(plan)
@@ -288,7 +288,7 @@ def _run_verify(plan: BuildPlan, index: int) -> dict:
 @_forge_errors_fail_cleanly
 def verify_step(recipe_ref: str, index: int) -> None:
     plan = plan_for(recipe_ref)
-    _ensure_staged(plan, recipe_ref)
+    _ensure_staged(plan)
     _run_verify(plan, index)
 
 
@@ -298,7 +298,7 @@ def publish(recipe_ref: str) -> None:
     out = plan.recipe.output_dir()
     if _staged(plan) is None and published(recipe_ref):
         return  # nothing staged and <out> already is this build (e.g. only publish was forgotten)
-    staged = _ensure_staged(plan, recipe_ref)
+    staged = _ensure_staged(plan)
     staging = staging_dir(out)
     results = []
     for i, step in enumerate(plan.recipe.verify):
