@@ -354,6 +354,46 @@ def cmd_verify(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- cache
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_cache(args) -> int:
+    from .cache import cache_gc, cache_ls, cache_verify
+
+    root = Path(args.root) if args.root else None
+    if args.action == "ls":
+        rows = cache_ls(root)
+        if args.json:
+            _print_json(rows)
+            return 0
+        for r in rows:
+            users = ", ".join(r["used_by"]) or "-"
+            print(f"{r['key']}  {_size(r['size']):>10}  {r['age_days']:6.1f}d  {r['file'] or '-':<36} "
+                  f"built by {r['recipe'] or '-'}; used by {users}")
+        print(f"{len(rows)} object(s), {_size(sum(r['size'] for r in rows))}")
+    elif args.action == "gc":
+        result = cache_gc(root, older_than_days=args.older_than, dry_run=args.dry_run)
+        if args.json:
+            _print_json(result)
+            return 0
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(result['removed'])} object(s), {_size(result['freed_bytes'])}; "
+              f"kept {result['kept']}; temp files cleared: {result['temps_removed']}")
+    else:
+        bad = cache_verify(root)
+        print(f"{len(bad)} corrupt object(s) removed" + (": " + ", ".join(bad) if bad else ""))
+        return 1 if bad else 0
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -412,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("--recipe", required=True)
     vf.add_argument("--json", action="store_true")
     vf.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("cache", help="show (ls), prune (gc) or re-hash (verify) the object cache")
+    c.add_argument("action", choices=["ls", "gc", "verify"])
+    c.add_argument("--root", help="cache directory (default: $FORGEKIT_CACHE or ./cache)")
+    c.add_argument("--older-than", type=float, metavar="DAYS", help="gc: also drop objects unused this long")
+    c.add_argument("--dry-run", action="store_true", help="gc: only say what would go")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cache)
     return p
 
 

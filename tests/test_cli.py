@@ -343,3 +343,27 @@ def test_verify_an_existing_directory(tmp_path, built_demo):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("forgekit: verify step 'structural' failed: ")
     assert "mtp.safetensors" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cache_ls_and_gc_after_output_is_gone(tmp_path):
+    """`forgekit cache ls` shows the demo's objects as used; once the output dir is gone, `gc` prunes them."""
+    recipe = demo_recipe(tmp_path, extra="verify: []\n")
+    assert run_doit(recipe, tmp_path).returncode == 0
+    cache = tmp_path / "cache"
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "forgekit.cli", "cache", *argv, "--root", str(cache)],
+                              capture_output=True, text=True, timeout=300)
+
+    listed = json.loads(cli("ls", "--json").stdout)
+    files = sorted(r["file"] for r in listed)
+    assert "mtp.safetensors" in files and any(f.startswith("model") for f in files)
+    assert all(r["referenced"] and "demo-under-test" in r["used_by"] for r in listed)
+    kept = json.loads(cli("gc", "--json").stdout)
+    assert kept["removed"] == [] and len(cli("ls", "--json").stdout) > 2
+    shutil.rmtree(tmp_path / "out")
+    dry = json.loads(cli("gc", "--dry-run", "--json").stdout)
+    assert len(dry["removed"]) == len(listed) and json.loads(cli("ls", "--json").stdout)
+    gone = json.loads(cli("gc", "--json").stdout)
+    assert gone["freed_bytes"] == sum(r["size"] for r in listed)
+    assert json.loads(cli("ls", "--json").stdout) == []
