@@ -367,11 +367,6 @@ def link_outputs() -> bool:
     return os.environ.get("FORGEKIT_COPY_OUTPUTS", "") in ("", "0")
 
 
-def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy a file into place via temp + rename (never a link)."""
-    place_file(src, dst, link=False)
-
-
 # ---------------------------------------------------------------- outputs registry
 
 

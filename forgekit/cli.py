@@ -254,7 +254,7 @@ def _flow(spec: dict) -> str:
 
 
 def recipe_text(name: str, base: str, body: dict, mtp: dict, output: str | None, description: str) -> str:
-    lines = [f"# Recipe written by `forgekit new`. Check it with `forgekit validate` / `forgekit plan`,",
+    lines = ["# Recipe written by `forgekit new`. Check it with `forgekit validate` / `forgekit plan`,",
              f"# build it with `doit build recipe={name}`. Everything not named here comes from {base}.",
              f"extends: {base}", f"name: {name}"]
     if description:

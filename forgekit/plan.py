@@ -282,7 +282,3 @@ def describe(plan: BuildPlan) -> list[dict]:
                      "stored_as": t.stored_as, "transforms": list(t.transforms), "quant": q,
                      "quant_rule": t.quant_rule, "bytes": t.nbytes(), "shape": list(t.shape)})
     return rows
-
-
-def output_path(plan: BuildPlan) -> Path:
-    return plan.recipe.output_dir()

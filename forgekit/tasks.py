@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -409,8 +408,3 @@ def clean_output(recipe_ref: str) -> None:
                 shutil.rmtree(d, ignore_errors=True)
                 print(f"removed {d}")
     OutputRegistry().remove(out)
-
-
-def fail(message: str) -> None:
-    print(f"forgekit: {message}", file=sys.stderr)
-    raise SystemExit(2)
