@@ -28,6 +28,8 @@ from pathlib import Path
 
 import xxhash
 
+from .faults import checkpoint
+
 FORMAT_VERSION = 2          # bump when the bytes a shard object holds change for the same plan
 READ_CHUNK = 8 * 2**20
 _UMASK = os.umask(0)
@@ -122,6 +124,7 @@ def hash_file(path: Path) -> str:
                     with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset) as m:
                         h.update(m)
                     offset += n
+                    checkpoint("cache.hash")
             except (OSError, ValueError):
                 pass  # fall back to read() from where we are
         f.seek(offset)
@@ -129,6 +132,7 @@ def hash_file(path: Path) -> str:
         view = memoryview(buf)
         while n := f.readinto(view):
             h.update(view[:n])
+            checkpoint("cache.hash")
     return h.hexdigest()
 
 
@@ -187,6 +191,7 @@ class StatMemo:
     def remember(self, path: Path, digest: str, st: os.stat_result | None = None) -> None:
         path = Path(path).resolve()
         st = st or path.stat()
+        checkpoint("memo.remember")
         with self._db() as db:
             db.execute("INSERT OR REPLACE INTO memo2 VALUES (?,?,?,?,?,?)", (str(path), *_stat_key(st), digest))
 
@@ -224,9 +229,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        checkpoint("atomic.tmp-written")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # name the file (e.g. disk full)
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
         raise
 
 
@@ -267,10 +275,16 @@ class ObjectStore:
         obj = self.path(key, suffix)
         obj.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_file, obj)
-        self.memo.remember(obj, digest)
-        now = time.time()
-        atomic_write_json(self.record_path(key), {"digest": digest, "size": obj.stat().st_size,
-                                                  "created": now, "last_used": now, **info})
+        checkpoint("commit.renamed")
+        try:
+            self.memo.remember(obj, digest)
+            now = time.time()
+            atomic_write_json(self.record_path(key), {"digest": digest, "size": obj.stat().st_size,
+                                                      "created": now, "last_used": now, **info})
+        except BaseException:
+            obj.unlink(missing_ok=True)  # never leave an object without its record (e.g. disk full)
+            raise
+        checkpoint("commit.recorded")
         return obj
 
     def touch(self, key: str) -> None:
@@ -340,6 +354,7 @@ def place_file(src: Path, dst: Path, link: bool = True) -> str:
                 raise
     if how == "copy":
         _copy_file(src, tmp)
+    checkpoint("place.tmp")
     os.replace(tmp, dst)
     return how
 
@@ -467,6 +482,14 @@ def cache_verify(root: Path | None = None, remove: bool = True) -> list[str]:
     return bad
 
 
+def _age(path: Path, now: float) -> float:
+    """Seconds since the file's inode last changed (a rename counts); 0 if it is gone."""
+    try:
+        return now - path.stat().st_ctime
+    except OSError:
+        return 0.0
+
+
 def cache_gc(root: Path | None = None, older_than_days: float | None = None, keep_unreferenced: bool = False,
              dry_run: bool = False) -> dict:
     """Remove cache objects that no build needs.
@@ -502,6 +525,10 @@ def cache_gc(root: Path | None = None, older_than_days: float | None = None, kee
         else:
             kept += 1
     temps = [p for p in store.temps() if stale_temp(p)]
+    # Objects without a record: a build killed between rename and record (never served: valid()
+    # needs the record). Only ones renamed over a minute ago, so a build committing now keeps its own.
+    temps += [p for p in store.root.glob("*/*.safetensors")
+              if not store.record_path(p.name.split(".")[0]).is_file() and _age(p, now) > 60]
     for p in temps:
         try:
             freed += p.stat().st_size

@@ -36,6 +36,8 @@ from typing import Callable
 
 import numpy as np
 
+from .faults import checkpoint
+
 # storage code -> (numpy dtype of the stored bytes, mlx dtype name to view them as)
 STORAGE = {
     "BF16": (np.uint16, "bfloat16"), "F16": (np.float16, None), "F32": (np.float32, None),
@@ -127,6 +129,19 @@ def _nonfinite(piece: Piece) -> None:
     where = f" (rows {piece.rows[0]}..{piece.rows[1] - 1})" if piece.rows else ""
     raise SourceError(f"{piece.ref.path}: tensor '{piece.name}' holds NaN or infinite (non-finite) values{where}; "
                       f"the source is corrupt, refusing to build from it")
+
+def check_cast(piece: Piece, a, where: str | None = None) -> None:
+    """After transforms and the cast, before quantization: a float16 output from a wider
+    source turns values beyond +-65504 into infinities (the source check cannot see that)."""
+    import mlx.core as mx
+
+    if piece.dtype == "float16" and piece.ref.storage != "F16" and not bool(mx.all(mx.isfinite(a))):
+        from .errors import SourceError
+
+        raise SourceError(f"{where or piece.ref.path}: tensor '{piece.name}' has values beyond the float16 range "
+                          f"(+-65504) that become infinite (non-finite) when cast to float16; "
+                          f"give it dtype bfloat16 or float32 in the recipe")
+
 
 _fds: dict[str, int] = {}
 _buffer = bytearray()
@@ -240,6 +255,7 @@ def compute(piece: Piece):
     for name in piece.transforms:
         a = TRANSFORMS[name].apply(a)
     a = a.astype(DTYPES[piece.dtype])
+    check_cast(piece, a)
     if piece.quant is None:
         outs = [a]
     else:
@@ -276,6 +292,7 @@ def copy_piece(piece: Piece, fd: int) -> None:
     while done < nbytes:
         view = _pread(piece.ref.path, src_off + done, min(step, nbytes - done))
         check_finite(piece, view)
+        checkpoint("copy.chunk")
         _pwrite(fd, view, offset + done)
         done += len(view)
 
@@ -289,6 +306,8 @@ def run_piece(piece: Piece, fd: int) -> None:
         if len(data) != nbytes:
             raise RuntimeError(f"piece of {piece.ref.path} produced {len(data)} bytes where the plan expects {nbytes}")
         _pwrite(fd, data, offset)
+        if len(piece.dest) > 1:
+            checkpoint("piece.partial")
 
 
 def run_job(job: Job) -> int:
@@ -298,6 +317,7 @@ def run_job(job: Job) -> int:
     for piece in job.pieces:
         if delay:
             time.sleep(delay)
+        checkpoint("helper.piece" if _helper else "piece")
         run_piece(piece, fd)
     return job.source_bytes
 
@@ -307,6 +327,7 @@ def run_job(job: Job) -> int:
 HASH_IN_POOL_BYTES = int(os.environ.get("FORGEKIT_HASH_IN_POOL_BYTES", 2**30))  # hash new sources on the pool above this
 _pool = None
 _pool_size = 0
+_helper = False        # True in a helper process (set by _init_worker)
 _pool_lock = threading.Lock()
 
 
@@ -331,6 +352,8 @@ def worker_count() -> int:
 def _init_worker(parent: int) -> None:
     import signal
 
+    global _helper
+    _helper = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def watch() -> None:  # exit when the parent is gone (e.g. the build was killed)
@@ -389,16 +412,25 @@ def _share(fn: Callable, items: list, on_result: Callable, prefetch: int = 2) ->
 
     The parent takes items from the front, helpers from the back (at most `prefetch` queued
     per helper), so the parent starts at once (no wait for helpers to spawn) and the two
-    ends meet without a straggler. Exceptions from any side propagate.
+    ends meet without a straggler. Exceptions from any side propagate; a helper that dies
+    (killed, out of memory) fails the call instead of leaving its item waiting forever.
     """
     helpers = _pool_size if _pool is not None else 0
     pending = deque(items)
     inflight: list = []
+    started = _helper_pids()
 
     def collect(block: bool) -> None:
         nonlocal inflight
         if block and inflight and not any(r.ready() for r in inflight):
             inflight[0].wait(0.05)
+            dead = _dead_helper(started)
+            if dead:
+                shutdown()
+                from .errors import ForgeError
+
+                raise ForgeError(f"a helper process of this build died ({dead}) while working on it; "
+                                 f"nothing it wrote is kept, run the build again")
         keep = []
         for r in inflight:
             if r.ready():
@@ -418,10 +450,26 @@ def _share(fn: Callable, items: list, on_result: Callable, prefetch: int = 2) ->
     return 1 + helpers
 
 
+def _helper_pids() -> set[int]:
+    return {p.pid for p in list(getattr(_pool, "_pool", None) or [])}
+
+
+def _dead_helper(started: set[int]) -> str | None:
+    """A helper that exited (multiprocessing.Pool replaces dead workers silently, and the
+    item a dead worker held is never answered)."""
+    procs = list(getattr(_pool, "_pool", None) or [])
+    for p in procs:
+        if p.exitcode is not None:
+            return f"pid {p.pid}, exit code {p.exitcode}"
+    gone = started - {p.pid for p in procs}
+    return f"pid {min(gone)}" if gone else None
+
+
 def _hash(path: str) -> tuple[str, str, bool]:
     from .cache import hash_file
 
     before = os.stat(path)
+    checkpoint("pool.hash")
     digest = hash_file(Path(path))
     after = os.stat(path)
     same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)

@@ -19,6 +19,7 @@ So a no-op build reads no tensor bytes, and `doit forget` makes doit run the tas
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -35,6 +36,7 @@ from .cache import (FORMAT_VERSION, MANIFEST, ObjectStore, OutputRegistry, StatM
                     atomic_write_json, hash_bytes, hash_file, key_of, link_outputs, place_file, read_manifest,
                     references)
 from .errors import ForgeError
+from .faults import checkpoint
 from .plan import BuildPlan, make_plan
 from .recipe import load_recipe
 
@@ -82,6 +84,7 @@ def fingerprint(plan: BuildPlan) -> None:
             if unchanged:
                 memo.remember(Path(f), digest)
     digest_of = {f: d if d is not None else memo.digest(Path(f)) for f, d in digest_of.items()}
+    checkpoint("plan.hashed")
     plan.digests = {role: {str(f): digest_of[str(f)] for f in src.files if str(f) in used}
                     for role, src in plan.sources.items()}
     flat = {f: d for files in plan.digests.values() for f, d in files.items()}
@@ -110,8 +113,17 @@ def fingerprint(plan: BuildPlan) -> None:
     })
 
 
+# A full disk / quota / file size limit / read-only file system: the user's to fix, so one line.
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _disk_error(exc: OSError, what: str) -> ForgeError:
+    where = exc.filename if exc.filename else what
+    return ForgeError(f"cannot write {where}: {os.strerror(exc.errno)}")
+
+
 def _forge_errors_fail_cleanly(fn):
-    """A ForgeError in an action becomes a one-line doit failure, not a traceback."""
+    """A ForgeError (or a full disk) in an action becomes a one-line doit failure, not a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -119,6 +131,10 @@ def _forge_errors_fail_cleanly(fn):
             return fn(*args, **kwargs)
         except ForgeError as exc:
             return TaskFailed(str(exc))
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            return TaskFailed(str(_disk_error(exc, f"the output of task {fn.__name__}")))
 
     return wrapper
 
@@ -146,8 +162,13 @@ def _build(plan: BuildPlan, file: str, store: ObjectStore) -> None:
             size = tmp.stat().st_size
             progress.summary = (f"{len(entries)} tensors, {human_bytes(total)} -> {human_bytes(size)}, "
                                 f"{write_shard.workers} worker{'s' if write_shard.workers > 1 else ''}")
+            checkpoint("shard.written")
             store.commit(key, tmp, digest, file=file, recipe=plan.recipe.name, tensors=len(entries),
                          source_bytes=total, seconds=round(time.time() - start, 3))
+    except OSError as exc:
+        if exc.errno in DISK_ERRORS:  # the temp file is removed below; nothing is recorded
+            raise _disk_error(exc, f"{file} into the cache ({store.root})") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -177,6 +198,7 @@ def _restore_from_output(plan: BuildPlan, file: str, store: ObjectStore) -> bool
 
 @_forge_errors_fail_cleanly
 def build_object(recipe_ref: str, file: str) -> None:
+    checkpoint("shard.begin")
     plan = plan_for(recipe_ref)
     key = plan.file_keys[file]
     store = ObjectStore()
@@ -235,6 +257,7 @@ def _stage(plan: BuildPlan) -> None:
     staging = staging_dir(out)
     shutil.rmtree(staging, ignore_errors=True)
     (staging / ".forgekit").mkdir(parents=True)
+    checkpoint("stage.begin")
     store = ObjectStore()
     memo = StatMemo()
     current = read_manifest(out) or {}
@@ -246,6 +269,7 @@ def _stage(plan: BuildPlan) -> None:
             _build(plan, name, store)
         digest = store.record(key)["digest"]
         published_copy = out / name
+        checkpoint("stage.file")
         with memo.preserving(_inode_mates(store, [key], refs) + [published_copy]):
             if current.get("files", {}).get(name) == digest and published_copy.is_file() \
                     and memo.lookup(published_copy) == digest:
@@ -264,6 +288,7 @@ def _stage(plan: BuildPlan) -> None:
     for name, src in meta.copied_files(plan).items():
         place_file(src, staging / name, link=False)
         staged[name] = memo.digest(src)
+    checkpoint("stage.recorded")
     atomic_write_json(staging / STAGED, {"build_key": plan.build_key, "files": staged,
                                          "objects": dict(plan.file_keys)})
 
@@ -278,7 +303,9 @@ def _run_verify(plan: BuildPlan, index: int) -> dict:
 
     step = plan.recipe.verify[index]
     staging = staging_dir(plan.recipe.output_dir())
+    checkpoint("verify.begin")
     result = run_step(step, staging, plan)
+    checkpoint("verify.done")
     atomic_write_json(staging / ".forgekit" / f"verify-{index}-{step.step}.json", result)
     print(f"  verify {step.step}: ok {json.dumps(result.get('summary', {}), sort_keys=True)}", flush=True)
     return result
@@ -312,6 +339,7 @@ def publish(recipe_ref: str) -> None:
     atomic_write_json(staging / "forgekit-report.json", verification)
     atomic_write_json(staging / "mtplx_runtime.json", meta.runtime_json(plan, verification))
     atomic_write_bytes(staging / "README.md", meta.model_card(plan, verification).encode())
+    checkpoint("publish.meta")
     files = {}
     for p in sorted(staging.iterdir()):
         if p.is_file():
@@ -320,9 +348,11 @@ def publish(recipe_ref: str) -> None:
     atomic_write_json(staging / MANIFEST, {"build_key": plan.build_key, "recipe": plan.recipe.name,
                                            "files": files, "objects": dict(plan.file_keys),
                                            "forgekit": __version__})
+    checkpoint("publish.manifest")
     keys = set(plan.file_keys.values()) | set((read_manifest(out) or {}).get("objects", {}).values())
     with StatMemo().preserving(_inode_mates(ObjectStore(), keys, references(), exclude=out)):
         _swap(staging, out)
+    checkpoint("publish.swapped")
     from .lock import write_lock  # issue 5: record resolved sources in <out>.lock.json
 
     write_lock(plan)
@@ -336,18 +366,47 @@ def publish(recipe_ref: str) -> None:
     print(f"built {plan.recipe.name}: {out}", flush=True)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False where that is not available (other OS, old kernel, a file system without it)."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def _swap(staging: Path, out: Path) -> None:
-    """Replace `out` by `staging`: the old artifact stays whole until the new one is in place."""
+    """Replace `out` by `staging`: at every instant `out` is the old artifact, whole, or the new one.
+
+    Linux: one atomic exchange, then the old tree (now under the staging name) is removed.
+    Elsewhere: `out` -> `out.old-<pid>`, staging -> `out` (a crash between the two leaves
+    the old artifact under that name; the next publish removes it)."""
     from .cache import pid_alive
 
     for left in out.parent.glob(f"{out.name}.old-*"):  # a swap that was killed halfway
         pid = left.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(left, ignore_errors=True)
+    if out.exists() and _exchange(staging, out):
+        checkpoint("swap.exchanged")
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
     if out.exists():
         os.replace(out, old)
     os.replace(staging, out)
+    checkpoint("swap.exchanged")
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -20,7 +20,8 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import hash_file
-from .parallel import GGML_PREFIX, STORAGE, Job, Piece, RawRef, run_jobs
+from .faults import checkpoint
+from .parallel import GGML_PREFIX, STORAGE, Job, Piece, RawRef, check_cast, run_jobs
 from .plan import ITEMSIZE, TensorPlan
 from .quant import ROW_CHUNK_BYTES, row_chunks
 from .sources import TensorSource
@@ -155,6 +156,8 @@ class _SourcePieces:
                     raise SourceError(f"{t.source_file}: tensor '{t.source_key}' holds NaN or infinite "
                                       f"(non-finite) values; the source is corrupt, refusing to build from it")
                 a = _prepared(t, source, rows)
+                if raw.dtype != mx.float16:
+                    check_cast(piece, a, str(t.source_file))
                 outs = [a] if piece.quant is None else list(mx.quantize(
                     a, group_size=piece.quant[1], bits=piece.quant[0], mode=piece.quant[2]))
                 mx.eval(*outs)
@@ -178,6 +181,7 @@ def write_shard(path: Path, entries: list[TensorPlan], sources: dict[str, Tensor
     with open(path, "wb") as f:
         f.write(head)
         f.truncate(len(head) + data_size)
+    checkpoint("write.sized")
     pieces: list[Piece] = []
     fallback = _SourcePieces()
     for t, parts in zip(entries, offsets):
@@ -190,6 +194,7 @@ def write_shard(path: Path, entries: list[TensorPlan], sources: dict[str, Tensor
                 pieces.append(p)
     write_shard.workers = run_jobs(_batch(str(path), pieces), progress)
     fallback.run(path)
+    checkpoint("write.pieces-done")
     size = os.stat(path).st_size
     if size != len(head) + data_size:
         raise RuntimeError(f"{path}: {size} bytes written, the header promises {len(head) + data_size}")

@@ -121,6 +121,19 @@ def nan_weight(tmp):
     p.write_bytes(bytes(raw))
 
 
+def f16_overflow(tmp):
+    """A finite bf16 weight (1e6) that a float16 build cannot hold: it would become inf."""
+    p = first_shard(tmp)
+    raw = bytearray(p.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k in header if k.endswith("mlp.up_proj.weight"))
+    start = 8 + n + header[name]["data_offsets"][0]
+    raw[start:start + 2] = np.array([1e6], np.float32).view(np.uint16)[1:].tobytes()  # bf16 of 1e6
+    p.write_bytes(bytes(raw))
+    return GOOD + "dtype: float16\n"
+
+
 def index_missing_shard(tmp):
     idx = tmp / "body" / "model.safetensors.index.json"
     data = json.loads(idx.read_text())
@@ -249,6 +262,8 @@ CASES = [
     ("st-index-missing-shard", doctor_body(index_missing_shard), r"model\.safetensors\.index\.json: lists shard 'model-00009-of-00009\.safetensors'"),
     ("config-not-json", doctor_body(config_not_json), r"config\.json: not valid JSON"),
     ("nan-in-weights", doctor_body(nan_weight), r"tensor 'model\.language_model\.layers\.\d+\.mlp\.down_proj\.weight' .*(NaN|non-finite)"),
+    ("float16-overflow", f16_overflow,
+     r"tensor 'model\.language_model\.layers\.\d+\.mlp\.up_proj\.weight' has values beyond the float16 range"),
     ("gguf-bad-magic", doctor_body(gguf_bad_magic), r"head\.gguf: not a readable GGUF file"),
     ("gguf-truncated", doctor_body(gguf_truncated), r"head\.gguf: (not a readable GGUF file|tensor '.*' data runs past the end)"),
     ("gguf-wrong-arch", doctor_body(gguf_wrong_arch), r"head\.gguf: GGUF architecture 'llama' declares no MTP head"),
@@ -291,3 +306,31 @@ def test_remote_code_config_is_dropped_never_executed(sandbox):
     cfg = json.loads((sandbox / "out" / "config.json").read_text())
     assert "auto_map" not in cfg and not (sandbox / "PWNED").exists()
     assert not (sandbox / "out" / "evil.py").exists()
+
+
+def test_corpus_table_lists_every_case():
+    """tests/CORPUS.md (made by tests/corpus_table.py) documents exactly these cases, in order."""
+    table = (ROOT / "tests" / "CORPUS.md").read_text()
+    listed = re.findall(r"^\| \d+ \| `([^`]+)` \|", table, flags=re.M)
+    assert listed == [c[0] for c in CASES], "CASES changed: run `python tests/corpus_table.py`"
+
+
+EARLIER_KEPT = ["unknown-quant-key", "st-truncated", "nan-in-weights", "float16-overflow", "gguf-head-wrong-shapes"]
+
+
+@pytest.mark.parametrize("case_id", EARLIER_KEPT)
+def test_refused_input_leaves_the_earlier_artifact_untouched(sandbox, case_id):
+    """A good build first, then a bad input for the same output dir, refused while planning
+    (exit 2), by a shard task (exit 1) or by a verify step (exit 1): not one byte of the
+    earlier artifact changes."""
+    verify = "verify: [{step: structural, params: {head_dtype: BF16}}]\n"
+    fill = lambda text: text.replace("{body}", str(sandbox / "body")).replace("{gguf}", str(sandbox / "head.gguf"))  # noqa: E731
+    (sandbox / "recipe.yaml").write_text(fill(GOOD) + verify)
+    assert run_doit(sandbox / "recipe.yaml", sandbox).returncode == 0
+    out = sandbox / "out"
+    before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    _, setup, expected = next(c for c in CASES if c[0] == case_id)
+    (sandbox / "recipe.yaml").write_text(fill(setup(sandbox)) + verify)
+    proc = run_doit(sandbox / "recipe.yaml", sandbox)
+    assert proc.returncode != 0 and re.search(expected, proc.stdout + proc.stderr), proc.stdout + proc.stderr
+    assert {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

@@ -36,6 +36,7 @@ from urllib.parse import quote
 import xxhash
 
 from ..errors import SourceError
+from ..faults import checkpoint
 from .gguf_file import GGUFSource
 
 MIN_CHUNK = 64 * 1024            # first header request; later ones grow with what was read
@@ -387,10 +388,13 @@ def _header(paths: _Paths, res: Resolved) -> Header:
 
 def _materialize(path: Path, header: Header, keep: list[TensorEntry], remote: RemoteFile) -> None:
     """Write the small GGUF: header bytes, then each needed tensor's bytes from its range."""
-    from ..cache import make_temp
+    from ..cache import make_temp, stale_temp
 
     head_bytes, new_offsets = compact_layout(header, keep)
     total = max([new_offsets[t.name] + t.nbytes for t in keep], default=len(head_bytes))
+    for left in path.parent.glob(f".{path.name}.*.tmp"):  # a fetch that was killed (its pid is gone)
+        if stale_temp(left):
+            left.unlink(missing_ok=True)
     tmp = make_temp(path.parent, path.name)
     try:
         with open(tmp, "r+b") as f:
@@ -406,6 +410,7 @@ def _materialize(path: Path, header: Header, keep: list[TensorEntry], remote: Re
                         if a < b:
                             f.seek(new_offsets[t.name] + (a - lo))
                             f.write(chunk[a - pos:b - pos])
+                    checkpoint("download.chunk")
                 remote.stream(start, end, sink)
             f.flush()
             os.fsync(f.fileno())
