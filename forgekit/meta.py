@@ -75,12 +75,23 @@ def source_summary(plan: BuildPlan) -> list[dict]:
     return out
 
 
+def verification_status(verification: dict) -> str:
+    """Only a passed MTP acceptance probe earns a verified status; MTPLX treats `unverified_*` as unverified."""
+    steps = verification.get("steps", [])
+    if not steps:
+        return "unverified_no_forgekit_checks_ran"
+    if not verification.get("passed", False):
+        return "unverified_forgekit_checks_failed"
+    if "mtp" not in steps:
+        return "unverified_mtp_acceptance_not_probed"
+    return "cpu_verified_by_forgekit"
+
+
 def runtime_json(plan: BuildPlan, verification: dict) -> dict:
     """mtplx_runtime.json: the recipe's runtime block + what forgekit verified, honestly."""
     rt = copy.deepcopy(plan.recipe.runtime)
-    passed = verification.get("passed", False)
     rt["exactness_baseline"] = {
-        "status": "cpu_verified_by_forgekit" if passed else "unverified_forgekit_checks_failed",
+        "status": verification_status(verification),
         "method": "forgekit verify steps on CPU (mlx-cpu): " + ", ".join(verification.get("steps", [])),
         "results": verification.get("summary", {}),
         "speed": "not measured: tok/s needs an Apple GPU; run `mtplx forge verify DIR --stamp` on a Mac",

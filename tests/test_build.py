@@ -183,3 +183,16 @@ def test_mtplx_gate_fails_without_a_head_key(built_demo, tmp_path):
     head.pop("mtp.layers.0.self_attn.k_norm.weight")
     mx.save_safetensors(str(broken / "mtp.safetensors"), head)
     assert not inspect_model(str(broken.resolve())).mtp.passes_tensor_gate
+
+
+def test_build_without_mtp_probe_is_marked_unverified_for_mtplx(tmp_path):
+    """`verify: []` (e.g. a benchmark on random weights) must not claim a verified head."""
+    from mtplx.artifacts import inspect_model
+
+    from conftest import demo_recipe, run_doit
+
+    proc = run_doit(demo_recipe(tmp_path, extra="verify: [{step: structural}]\n"), tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runtime = json.loads((tmp_path / "out" / "mtplx_runtime.json").read_text())
+    assert runtime["exactness_baseline"]["status"] == "unverified_mtp_acceptance_not_probed"
+    assert inspect_model(str((tmp_path / "out").resolve())).compatibility["tier"] != "verified"
