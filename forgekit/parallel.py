@@ -148,13 +148,15 @@ _buffer = bytearray()
 
 
 def _fd(path: str, flags: int) -> int:
+    """A cached descriptor. Only read-only ones are ever evicted: a job holds its output
+    descriptor across the source reads it makes, so that one must stay open."""
     key = f"{flags}:{path}"
     fd = _fds.get(key)
     if fd is None:
-        if len(_fds) >= 16:
-            for old in list(_fds.values()):
-                os.close(old)
-            _fds.clear()
+        readers = [k for k in _fds if k.startswith(f"{os.O_RDONLY}:")]
+        if len(readers) >= 16:
+            for k in readers:
+                os.close(_fds.pop(k))
         fd = _fds[key] = os.open(path, flags)
     return fd
 

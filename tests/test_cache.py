@@ -269,3 +269,21 @@ def test_non_finite_head_values_fail_the_build_naming_the_tensor(tmp_path, tenso
     assert f"tensor '{t.name}' holds NaN or infinite" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "out" / ".forgekit" / "manifest.json").exists()
+
+
+def test_descriptor_cache_never_closes_an_output_being_written(tmp_path):
+    """Reading many source files (cache eviction) must not close a job's open output descriptor."""
+    from forgekit import parallel
+
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"\0" * 8)
+    try:
+        wfd = parallel._fd(str(out), os.O_WRONLY)
+        for i in range(40):
+            src = tmp_path / f"src{i}"
+            src.write_bytes(bytes([i]))
+            assert os.pread(parallel._fd(str(src), os.O_RDONLY), 1, 0) == bytes([i])
+        os.pwrite(wfd, b"written!", 0)
+    finally:
+        parallel.close_files()
+    assert out.read_bytes() == b"written!"
