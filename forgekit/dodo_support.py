@@ -13,7 +13,7 @@ from pathlib import Path
 from doit.dependency import FileChangedChecker
 
 from .cache import StatMemo, cache_root
-from .errors import ForgeError
+from .errors import ForgeError, env_number
 
 
 class XXH3Checker(FileChangedChecker):
@@ -94,8 +94,8 @@ def hold_build_lock(out: Path) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         if not _try_lock(fd):
-            limit = os.environ.get("FORGEKIT_LOCK_WAIT", "")
-            deadline = None if limit == "" else time.monotonic() + float(limit)
+            limit = env_number("FORGEKIT_LOCK_WAIT", None, float)
+            deadline = None if limit is None else time.monotonic() + limit
             holder = _holder(fd)
             if deadline is not None and time.monotonic() >= deadline:
                 raise ForgeError(f"{out}: another build is writing this output ({holder}); "

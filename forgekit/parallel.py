@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import env_number
 from .faults import checkpoint
 
 # storage code -> (numpy dtype of the stored bytes, mlx dtype name to view them as)
@@ -314,7 +315,7 @@ def run_piece(piece: Piece, fd: int) -> None:
 
 def run_job(job: Job) -> int:
     """Compute and write every piece of a job; returns the source bytes it consumed."""
-    delay = float(os.environ.get("FORGEKIT_TEST_PIECE_DELAY", "0") or 0)
+    delay = env_number("FORGEKIT_TEST_PIECE_DELAY", 0.0, float)
     fd = _fd(job.dest_path, os.O_WRONLY)
     for piece in job.pieces:
         if delay:
@@ -341,9 +342,9 @@ def worker_count() -> int:
     """
     if multiprocessing.parent_process() is not None:
         return 1
-    env = os.environ.get("FORGEKIT_JOBS", "")
-    if env:
-        return max(1, int(env))
+    env = env_number("FORGEKIT_JOBS", None)
+    if env is not None:
+        return max(1, env)
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -509,7 +510,7 @@ def run_jobs(jobs: list[Job], on_done: Callable[[int], None] | None = None) -> i
 
     work = sum(p.work for j in jobs for p in j.pieces)
     n = min(worker_count(), len(jobs))
-    min_work = int(os.environ.get("FORGEKIT_POOL_MIN_BYTES", str(256 * 2**20)))
+    min_work = env_number("FORGEKIT_POOL_MIN_BYTES", 256 * 2**20)
     if n > 1 and (work >= min_work or _pool is not None):
         prestart()
     previous = mx.set_cache_limit(64 * 2**20)  # the parent's own mlx cache, restored below

@@ -183,7 +183,7 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
             decision: QuantDecision = rules.decide(m.output_key, shape)
             if decision.note:
                 warnings.append(f"{m.output_key}: kept in {dtype}: {decision.note}")
-            if info.stored_as not in ("BF16", "F16", "F32", "") and info.stored_as:
+            if info.stored_as not in ("BF16", "F16", "F32", ""):
                 warnings.append(f"{m.output_key}: source {info.file} stores '{m.source_key}' as {info.stored_as}; "
                                 f"it is dequantized, not original precision")
             tensors.append(TensorPlan(

@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import hash_file
+from .errors import env_number
 from .faults import checkpoint
 from .parallel import GGML_PREFIX, STORAGE, Job, Piece, RawRef, check_cast, run_jobs
 from .plan import ITEMSIZE, TensorPlan
@@ -50,10 +51,6 @@ def layout(entries: list[TensorPlan], metadata: dict) -> tuple[bytes, list[list[
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw, offsets
-
-
-def _header(entries: list[TensorPlan], metadata: dict) -> bytes:
-    return layout(entries, metadata)[0]
 
 
 # ---------------------------------------------------------------- raw source locations
@@ -123,7 +120,7 @@ def pieces_of(t: TensorPlan, source: TensorSource, ref: RawRef | None, base: int
 
 
 def _batch(dest: str, pieces: list[Piece]) -> list[Job]:
-    limit = int(os.environ.get("FORGEKIT_JOB_BYTES", JOB_BYTES))  # tests: many small jobs on tiny shards
+    limit = env_number("FORGEKIT_JOB_BYTES", JOB_BYTES)  # tests: many small jobs on tiny shards
     jobs, current, size = [], [], 0
     for p in pieces:
         if current and size + p.source_bytes > limit:

@@ -39,7 +39,6 @@ HEAD_LOW_DELTA_MAX = 0.5           # MTPLX head detector, input/post/pre_fc fami
 HEAD_QK = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 HEAD_LOW = ("input_layernorm.weight", "post_attention_layernorm.weight",
             "pre_fc_norm_hidden.weight", "pre_fc_norm_embedding.weight")
-CONVENTIONS = ("absolute", "zero_centred")
 
 
 def is_norm(key: str) -> bool:
