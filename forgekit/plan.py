@@ -233,8 +233,9 @@ def _layout(recipe: Recipe, tensors: list[TensorPlan]):
     in order by `bound_bytes`, which depends on names, shapes and float dtypes only, never
     on quantization. So changing a quantization rule changes the bytes of exactly the shards
     holding the tensors it matches and moves no tensor to another shard; a layer is split
-    only if it alone exceeds the budget. Shards never exceed max_shard_bytes; quantized to
-    4 bits they come out at about a third of it.
+    only if it alone exceeds the budget. Shards never exceed max_shard_bytes, except a single
+    tensor larger than the budget, which gets a shard of its own (as in mlx-lm); quantized to
+    4 bits shards come out at about a third of the budget.
     """
     from dataclasses import replace
 

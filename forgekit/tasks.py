@@ -227,7 +227,10 @@ def _staged(plan: BuildPlan) -> dict | None:
         record = json.loads((staging / STAGED).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if record.get("build_key") != plan.build_key or not all((staging / n).is_file() for n in record["files"]):
+    if not isinstance(record, dict) or record.get("build_key") != plan.build_key:
+        return None
+    files = record.get("files")
+    if not isinstance(files, dict) or not all((staging / n).is_file() for n in files):
         return None
     return record
 
@@ -237,6 +240,9 @@ def _ensure_staged(plan: BuildPlan) -> dict:
     if record is None:
         _stage(plan)
         record = _staged(plan)
+    if record is None:
+        raise ForgeError(f"{staging_dir(plan.recipe.output_dir())}: staging failed to produce this build; "
+                         "run the build again")
     return record
 
 

@@ -152,7 +152,7 @@ class _SourcePieces:
 
                     raise SourceError(f"{t.source_file}: tensor '{t.source_key}' holds NaN or infinite "
                                       f"(non-finite) values; the source is corrupt, refusing to build from it")
-                a = _prepared(t, source, rows)
+                a = _prepared(t, source, rows, raw)
                 if raw.dtype != mx.float16:
                     check_cast(piece, a, str(t.source_file))
                 outs = [a] if piece.quant is None else list(mx.quantize(
@@ -220,9 +220,9 @@ def to_bytes(a: mx.array) -> bytes:
     return np.asarray(a).tobytes()
 
 
-def _prepared(t: TensorPlan, source: TensorSource, rows: slice | None) -> mx.array:
-    """Source rows via the source's own reader -> transforms (in source dtype) -> cast."""
-    a = source.read(t.source_key, rows)
+def _prepared(t: TensorPlan, source: TensorSource, rows: slice | None, raw: mx.array | None = None) -> mx.array:
+    """Source rows via the source's own reader (or `raw`, already read) -> transforms (in source dtype) -> cast."""
+    a = source.read(t.source_key, rows) if raw is None else raw
     for name in t.transforms:
         a = TRANSFORMS[name].apply(a)
     return a.astype(DTYPES[t.dtype])
