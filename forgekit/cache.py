@@ -17,6 +17,7 @@ the registry of published outputs, and `cache ls` / `cache gc`.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
@@ -32,9 +33,14 @@ from .faults import checkpoint
 
 FORMAT_VERSION = 2          # bump when the bytes a shard object holds change for the same plan
 READ_CHUNK = 8 * 2**20
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
+
+
+@functools.cache
+def file_mode() -> int:
+    """0o666 minus the process umask (read once, on first use: os.umask can only be read by setting it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 MANIFEST = ".forgekit/manifest.json"   # inside a published output dir
 STALE_TEMP_SECONDS = 24 * 3600         # gc removes temp files older than this even if their pid is alive
 
@@ -47,7 +53,7 @@ def make_temp(directory: Path, name: str) -> Path:
     """
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     return Path(tmp)
 
