@@ -27,7 +27,6 @@ from .plan import ITEMSIZE, TensorPlan
 from .quant import ROW_CHUNK_BYTES, row_chunks
 from .sources import TensorSource
 from .sources.gguf_file import GGUFSource
-from .sources.safetensors_dir import SafetensorsSource, read_header
 from .transforms import DTYPES, TRANSFORMS
 
 ST_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "uint32": "U32", "float64": "F64",
@@ -55,39 +54,20 @@ def layout(entries: list[TensorPlan], metadata: dict) -> tuple[bytes, list[list[
 
 # ---------------------------------------------------------------- raw source locations
 
-_st_headers: dict[tuple, tuple[dict, int]] = {}
-_gguf_tensors: dict[int, dict] = {}
-
-
 def raw_ref(source: TensorSource, key: str) -> RawRef | None:
     """Where the bytes of `key` sit on disk, for sources read by offset; None: use source.read."""
+    where = source.location(key)
+    if where is None:
+        return None
+    file, offset, stored = where
     info = source.info(key)
     shape = tuple(info.shape)
     rows = shape[0] if shape else 1
-    if isinstance(source, SafetensorsSource):
-        st = os.stat(info.file)
-        memo_key = (info.file, st.st_size, st.st_mtime_ns, st.st_ino)
-        if memo_key not in _st_headers:
-            _st_headers[memo_key] = read_header(Path(info.file))
-        header, start = _st_headers[memo_key]
-        entry = header[key]
-        if entry["dtype"] not in STORAGE:
-            return None
-        return RawRef(info.file, start + entry["data_offsets"][0], shape, entry["dtype"],
-                      (entry["data_offsets"][1] - entry["data_offsets"][0]) // max(rows, 1))
     if isinstance(source, GGUFSource):
-        by_name = _gguf_tensors.get(id(source.reader))
-        if by_name is None or by_name.get("__reader__") is not source.reader:
-            by_name = {t.name: t for t in source.reader.tensors}
-            by_name["__reader__"] = source.reader
-            _gguf_tensors[id(source.reader)] = by_name
-        t = by_name.get(key)
-        if t is None:
-            return None
-        type_name = t.tensor_type.name
-        storage = type_name if type_name in ("F32", "F16", "BF16") else GGML_PREFIX + type_name
-        return RawRef(str(source.files[0]), int(t.data_offset), shape, storage, int(t.n_bytes) // max(rows, 1))
-    return None
+        stored = stored if stored in ("F32", "F16", "BF16") else GGML_PREFIX + stored
+    elif stored not in STORAGE:
+        return None
+    return RawRef(file, offset, shape, stored, info.nbytes // max(rows, 1))
 
 
 def _source_itemsize(ref: RawRef | None, info_dtype: str) -> int:

@@ -37,3 +37,8 @@ class TensorSource:
 
     def read(self, key: str, rows: slice | None = None) -> mx.array:
         raise NotImplementedError
+
+    def location(self, key: str) -> tuple[str, int, str] | None:
+        """(file, absolute byte offset, storage type) of a tensor stored contiguously, for
+        readers that pread bytes directly; None when only `read` can produce it."""
+        return None

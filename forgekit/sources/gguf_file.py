@@ -77,6 +77,10 @@ class GGUFSource(TensorSource):
             )
         return count - nextn
 
+    def location(self, key: str) -> tuple[str, int, str]:
+        t = self._tensors[key]
+        return str(self.files[0]), int(t.data_offset), t.tensor_type.name
+
     def read(self, key: str, rows: slice | None = None) -> mx.array:
         import gguf
 

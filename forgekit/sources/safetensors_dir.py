@@ -113,6 +113,10 @@ class SafetensorsSource(TensorSource):
                 self._maps[file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[file]
 
+    def location(self, key: str) -> tuple[str, int, str]:
+        file, offset, code, _ = self._where[key]
+        return str(file), offset, code
+
     def read(self, key: str, rows: slice | None = None) -> mx.array:
         file, offset, code, shape = self._where[key]
         _, np_dtype, view = ST_DTYPES[code]
