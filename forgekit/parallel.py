@@ -121,15 +121,17 @@ def check_finite(piece: Piece, raw) -> None:
         _scratch = np.empty(bits.nbytes, dtype=np.uint8)
     masked = np.bitwise_and(bits, dtype(mask), out=_scratch[: bits.nbytes].view(dtype))
     if masked.max() == mask:
-        _nonfinite(piece)
+        nonfinite(piece)
 
 
-def _nonfinite(piece: Piece) -> None:
+def nonfinite(piece: Piece, path: str | None = None) -> None:
+    """Refuse a piece whose source values are NaN/inf, naming the source file and tensor."""
     from .errors import SourceError
 
     where = f" (rows {piece.rows[0]}..{piece.rows[1] - 1})" if piece.rows else ""
-    raise SourceError(f"{piece.ref.path}: tensor '{piece.name}' holds NaN or infinite (non-finite) values{where}; "
-                      f"the source is corrupt, refusing to build from it")
+    raise SourceError(f"{path or piece.ref.path}: tensor '{piece.name}' holds NaN or infinite (non-finite) "
+                      f"values{where}; the source is corrupt, refusing to build from it")
+
 
 def check_cast(piece: Piece, a, where: str | None = None) -> None:
     """After transforms and the cast, before quantization: a float16 output from a wider
@@ -238,7 +240,7 @@ def read_rows(ref: RawRef, rows: tuple[int, int] | None, check: Piece | None = N
         blocks = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, ref.row_bytes)
         arr = gguf.quants.dequantize(blocks, qtype).reshape(shape)
         if check is not None and not np.isfinite(arr).all():
-            _nonfinite(check)
+            nonfinite(check)
         return mx.array(np.ascontiguousarray(arr, dtype=np.float32))
     if check is not None:
         check_finite(check, raw)

@@ -22,7 +22,7 @@ import numpy as np
 from .cache import hash_file
 from .errors import env_number
 from .faults import checkpoint
-from .parallel import GGML_PREFIX, STORAGE, Job, Piece, RawRef, check_cast, run_jobs
+from .parallel import GGML_PREFIX, STORAGE, Job, Piece, RawRef, check_cast, host_view, nonfinite, run_jobs
 from .plan import ITEMSIZE, TensorPlan
 from .quant import ROW_CHUNK_BYTES, row_chunks
 from .sources import TensorSource
@@ -128,10 +128,7 @@ class _SourcePieces:
                 rows = slice(*piece.rows) if piece.rows else None
                 raw = source.read(t.source_key, rows)
                 if mx.issubdtype(raw.dtype, mx.floating) and not bool(mx.all(mx.isfinite(raw))):
-                    from .errors import SourceError
-
-                    raise SourceError(f"{t.source_file}: tensor '{t.source_key}' holds NaN or infinite "
-                                      f"(non-finite) values; the source is corrupt, refusing to build from it")
+                    nonfinite(piece, str(t.source_file))
                 a = _prepared(t, source, rows, raw)
                 if raw.dtype != mx.float16:
                     check_cast(piece, a, str(t.source_file))
@@ -195,9 +192,7 @@ def shard_source_bytes(entries: list[TensorPlan], sources: dict[str, TensorSourc
 
 
 def to_bytes(a: mx.array) -> bytes:
-    if a.dtype == mx.bfloat16:
-        a = a.view(mx.uint16)
-    return np.asarray(a).tobytes()
+    return bytes(host_view(a))
 
 
 def _prepared(t: TensorPlan, source: TensorSource, rows: slice | None, raw: mx.array | None = None) -> mx.array:
