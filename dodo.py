@@ -1,11 +1,11 @@
 """doit entry point: `doit build recipe=NAME|PATH.yaml` (default: the tiny demo).
 
-Thin on purpose: the task graph is made by forgekit.tasks from the recipe's plan.
+Thin on purpose: the task graph is made by forgekit.doit from the recipe's plan.
 """
 
 from doit import get_var
 
-from forgekit.dodo_support import doit_config, recipe_tasks
+from forgekit.doit import doit_config, recipe_tasks
 
 RECIPE = get_var("recipe", "tiny-demo")
 LOCKED = get_var("locked", "0") not in ("0", "", "false", "no")  # locked=1: refuse if sources moved (lock.py)

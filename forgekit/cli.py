@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -17,9 +16,6 @@ from pathlib import Path
 from .errors import ForgeError
 
 DEFAULT_BASE = "qwen3.5-dense-mtp"
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# org/name[/path/in/repo.gguf][@revision]
-HUB_RE = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<file>[^@]+))?(?:@(?P<rev>[\w./-]+))?")
 
 
 # ---------------------------------------------------------------- output helpers
@@ -75,7 +71,7 @@ def _plan(recipe_ref: str, locked: bool = False):
 
     plan = make_plan(load_recipe(recipe_ref))
     if locked:
-        from .lock import check_lock
+        from .build.lock import check_lock
 
         check_lock(plan)
     return plan
@@ -89,7 +85,7 @@ def cmd_validate(args) -> int:
               "recipe_chain": list(recipe.recipe_files), "output_dir": str(recipe.output_dir()),
               "checked": "schema" if args.schema_only else "schema+sources"}
     if not args.schema_only:
-        from .inspect_source import plan_report
+        from .plan.report import plan_report
 
         report = plan_report(_plan(args.recipe, args.locked))
         result.update({k: report[k] for k in ("sources", "files", "tensor_count", "total_bytes", "dropped", "warnings")})
@@ -113,7 +109,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .inspect_source import plan_report
+    from .plan.report import plan_report
 
     report = plan_report(_plan(args.recipe, args.locked))
     if args.json:
@@ -172,7 +168,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect_source import inspect
+    from .sources.inspect import inspect
 
     info = inspect(args.source, revision=args.revision, file=args.file, norms=args.norms, stats=args.stats)
     if args.json:
@@ -231,81 +227,16 @@ def cmd_inspect(args) -> int:
 # ---------------------------------------------------------------- new
 
 
-def _source_spec(value: str, role: str) -> dict:
-    """A CLI source argument -> a recipe source mapping."""
-    path = Path(value).expanduser()
-    if path.exists():
-        return {"path": str(path.resolve())}
-    m = HUB_RE.fullmatch(value)
-    if m:
-        spec = {"repo": m.group("repo"), "revision": m.group("rev") or "main"}
-        if m.group("file"):
-            spec["file"] = m.group("file")
-        return spec
-    raise ForgeError(f"--{role} {value}: neither an existing path nor an HF repo (org/name[/file.gguf][@revision])")
-
-
-def _is_gguf(spec: dict) -> bool:
-    return (spec.get("path") or spec.get("file") or "").endswith(".gguf")
-
-
-def _flow(spec: dict) -> str:
-    return "{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in spec.items()) + "}"
-
-
-def recipe_text(name: str, base: str, body: dict, mtp: dict, output: str | None, description: str) -> str:
-    lines = ["# Recipe written by `forgekit new`. Check it with `forgekit validate` / `forgekit plan`,",
-             f"# build it with `doit build recipe={name}`. Everything not named here comes from {base}.",
-             f"extends: {base}", f"name: {name}"]
-    if description:
-        lines.append(f"description: {json.dumps(description)}")
-    lines += ["sources:", f"  body: {_flow(body)}",
-              f"  mtp:  {_flow(mtp)}" + ("" if _is_gguf(mtp) else "   # head in HF convention (mtp.* keys)")]
-    if output:
-        lines.append(f"output: {{dir: {json.dumps(output)}}}")
-    return "\n".join(lines) + "\n"
-
-
 def cmd_new(args) -> int:
-    if not NAME_RE.fullmatch(args.name):
-        raise ForgeError(f"recipe name '{args.name}' must be letters, digits, '.', '_' or '-' (it names the file)")
-    body = _source_spec(args.body, "body")
-    if args.mtp == "body":
-        mtp = dict(body)
-    else:
-        mtp = _source_spec(args.mtp, "mtp")
-    if not _is_gguf(mtp):
-        mtp["table"] = "mtp_hf"
-    if "file" in body:
-        raise ForgeError(f"--body {args.body}: the body is a model repo or directory, not a single file")
-    target = Path(args.out) if args.out else Path(args.dir) / f"{args.name}.yaml"
-    target = target.resolve()
-    if target.exists() and not args.force:
-        raise ForgeError(f"{target} already exists (use --force to overwrite)")
-    output = str(Path(args.output).expanduser().resolve()) if args.output else None
-    text = recipe_text(args.name, args.base, body, mtp, output, args.description or "")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.stem}.new-{os.getpid()}.yaml"  # validated before it takes the name
-    try:
-        tmp.write_text(text)
-        summary = ""
-        if not args.no_validate:
-            try:
-                from .inspect_source import plan_report
+    from .new_recipe import new_recipe
+    from .plan.report import plan_report
 
-                report = plan_report(_plan(str(tmp)))
-            except ForgeError as exc:
-                msg = str(exc).replace(str(tmp), str(target))
-                raise type(exc)(f"{msg} [recipe not written; fix the sources or pass --no-validate]") from None
-            summary = (f"validated: {report['tensor_count']} output tensors in {len(report['files'])} files "
-                       f"({human(report['total_bytes'])})")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    target, text, report = new_recipe(args, lambda path: plan_report(_plan(str(path))))
     print(f"wrote {target}")
     print(text.rstrip())
-    if summary:
-        print(summary)
+    if report is not None:
+        print(f"validated: {report['tensor_count']} output tensors in {len(report['files'])} files "
+              f"({human(report['total_bytes'])})")
     ref = args.name if target.parent == (Path.cwd() / "recipes").resolve() else str(target)
     print(f"build it: doit build recipe={ref}")
     return 0
@@ -315,7 +246,7 @@ def cmd_new(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from .lock import check_lock, lock_data, lock_path, write_lock
+    from .build.lock import check_lock, lock_data, lock_path, write_lock
     from .plan import make_plan
     from .recipe import load_recipe
 
@@ -366,7 +297,7 @@ def _size(n: int) -> str:
 
 
 def cmd_cache(args) -> int:
-    from .cache import cache_gc, cache_ls, cache_verify
+    from .build.gc import cache_gc, cache_ls, cache_verify
 
     root = Path(args.root) if args.root else None
     if args.action == "ls":

@@ -1,5 +1,5 @@
-"""Error types, and reading forgekit's numeric environment knobs without tracebacks. A ForgeError is a user-fixable problem: the CLI and dodo.py print
-its one-sentence message and exit non-zero, never a traceback."""
+"""Error types. A ForgeError is a user-fixable problem: the CLI and dodo.py print its
+one-sentence message and exit non-zero, never a traceback."""
 
 
 class ForgeError(Exception):
@@ -25,16 +25,3 @@ class VerifyError(ForgeError):
         super().__init__(f"verify step '{step}' failed: {cause}")
         self.step = step
         self.cause = cause
-
-
-def env_number(name: str, default, kind=int):
-    """A numeric FORGEKIT_* environment variable; a bad value is a one-line ForgeError."""
-    import os
-
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise ForgeError(f"environment variable {name} must be a number, got {raw!r}") from None

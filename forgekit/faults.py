@@ -1,8 +1,8 @@
 """Fault injection for the crash-safety tests: named checkpoints a test can turn into a crash.
 
-    FORGEKIT_FAULT=<point>[:<n>[:<action>]]
+    FORGEKIT_TEST_FAULT=<point>[:<n>[:<action>]]
 
-`checkpoint(name)` is called at the points listed in POINTS. When FORGEKIT_FAULT names that
+`checkpoint(name)` is called at the points listed in POINTS. When FORGEKIT_TEST_FAULT names that
 point, the n-th time (default 1) *this process* reaches it, the action happens:
 
     kill    SIGKILL this process (default)
@@ -10,48 +10,52 @@ point, the n-th time (default 1) *this process* reaches it, the action happens:
             the build runs in its own session (as the tests start it)
     enospc  raise OSError(ENOSPC) here, as a full disk would
 
-Helper processes (forgekit.parallel) inherit the variable and count their own hits.
-With `FORGEKIT_FAULT_LOG=<file>`, a line "<pid> <point> <n> <action>" is appended just before
+Helper processes (forgekit.build.pool) inherit the variable and count their own hits.
+With `FORGEKIT_TEST_FAULT_LOG=<file>`, a line "<pid> <point> <n> <action>" is appended just before
 the action, so a test can prove the fault fired where it asked.
 
-When FORGEKIT_FAULT is unset, `checkpoint` is one comparison and a return.
+When FORGEKIT_TEST_FAULT is unset, `checkpoint` is one comparison and a return (the variable is
+read on the first checkpoint of a process).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 
+from . import settings
+
 # Every checkpoint in the code, with where it sits (tests/test_faults.py kills at each).
 POINTS = {
-    "lock.held": "dodo_support: the build lock is held, nothing planned yet",
+    "lock.held": "build.output_lock: the build lock is held, nothing planned yet",
     "download.chunk": "sources.remote_gguf: a downloaded range chunk written into the small GGUF's temp file",
-    "cache.hash": "cache.hash_file: a window/chunk of a file hashed (source fingerprints, objects, outputs)",
-    "memo.remember": "cache.StatMemo.remember: before a digest is recorded",
-    "pool.hash": "parallel._hash: a source file about to be hashed on the pool (parent or helper)",
-    "plan.hashed": "tasks.fingerprint: sources hashed, keys not yet computed",
-    "shard.begin": "tasks.build_object: a shard task starts (n=2: between two shards)",
-    "write.sized": "write.write_shard: header written and file sized, no tensor data yet",
-    "piece": "parallel.run_job: the build process is about to compute a piece",
-    "helper.piece": "parallel.run_job: a helper process is about to compute a piece",
-    "piece.partial": "parallel.run_piece: first output part of a quantized piece written, the rest not",
-    "copy.chunk": "parallel.copy_piece: a copied (not decoded) tensor about to be written",
-    "write.pieces-done": "write.write_shard: every piece written, file not hashed yet",
-    "shard.written": "tasks._build: temp object complete and hashed, not committed",
-    "commit.renamed": "cache.ObjectStore.commit: object renamed into the store, no record yet",
-    "commit.recorded": "cache.ObjectStore.commit: object and record in place, doit state not saved",
-    "atomic.tmp-written": "cache.atomic_write_bytes: temp file written, not renamed",
-    "place.tmp": "cache.place_file: link/copy made under a temp name, not renamed",
-    "stage.begin": "tasks._stage: staging dir emptied, nothing placed",
-    "stage.file": "tasks._stage: one output file about to be placed",
-    "stage.recorded": "tasks._stage: every file staged, staging record not written",
-    "verify.begin": "tasks._run_verify: a verify step about to run (n = step index + 1)",
-    "verify.done": "tasks._run_verify: a verify step passed, its result not written",
-    "publish.meta": "tasks.publish: report, runtime file, model card staged; no manifest",
-    "publish.manifest": "tasks.publish: manifest staged, staging not swapped in",
-    "swap.exchanged": "tasks._swap: new output in place, the previous one not yet removed",
-    "publish.swapped": "tasks.publish: swapped, lock file / registry / stat memo not updated",
+    "cache.hash": "build.store.hash_file: a window/chunk of a file hashed (source fingerprints, objects, outputs)",
+    "memo.remember": "build.store.StatMemo.remember: before a digest is recorded",
+    "pool.hash": "build.pool._hash: a source file about to be hashed on the pool (parent or helper)",
+    "plan.hashed": "build.keys.build_keys: sources hashed, keys not yet computed",
+    "shard.begin": "doit.build_object: a shard task starts (n=2: between two shards)",
+    "write.sized": "build.shard.write_shard: header written and file sized, no tensor data yet",
+    "piece": "build.compute.run_job: the build process is about to compute a piece",
+    "helper.piece": "build.compute.run_job: a helper process is about to compute a piece",
+    "piece.partial": "build.compute.run_piece: first output part of a quantized piece written, the rest not",
+    "copy.chunk": "build.compute.Workspace.copy_piece: a copied (not decoded) tensor about to be written",
+    "write.pieces-done": "build.shard.write_shard: every piece written, file not hashed yet",
+    "shard.written": "build.shard.build_into_store: temp object complete and hashed, not committed",
+    "commit.renamed": "build.store.ObjectStore.commit: object renamed into the store, no record yet",
+    "commit.recorded": "build.store.ObjectStore.commit: object and record in place, doit state not saved",
+    "atomic.tmp-written": "fileio.atomic_write_bytes: temp file written, not renamed",
+    "place.tmp": "build.store.place_file: link/copy made under a temp name, not renamed",
+    "stage.begin": "build.stage.stage: staging dir emptied, nothing placed",
+    "stage.file": "build.stage.stage: one output file about to be placed",
+    "stage.recorded": "build.stage.stage: every file staged, staging record not written",
+    "verify.begin": "build.publish.run_verify: a verify step about to run (n = step index + 1)",
+    "verify.done": "build.publish.run_verify: a verify step passed, its result not written",
+    "publish.meta": "build.publish.publish: report, runtime file, model card staged; no manifest",
+    "publish.manifest": "build.publish.publish: manifest staged, staging not swapped in",
+    "swap.exchanged": "build.publish.swap: new output in place, the previous one not yet removed",
+    "publish.swapped": "build.publish.publish: swapped, lock file / registry / stat memo not updated",
 }
 
 
@@ -63,28 +67,37 @@ def _parse(value: str) -> tuple[str | None, int, str]:
     nth = int(parts[1]) if len(parts) > 1 and parts[1] else 1
     action = parts[2] if len(parts) > 2 and parts[2] else "kill"
     if action not in ("kill", "tree", "enospc"):
-        raise ValueError(f"FORGEKIT_FAULT={value!r}: unknown action {action!r} (kill, tree or enospc)")
+        raise ValueError(f"FORGEKIT_TEST_FAULT={value!r}: unknown action {action!r} (kill, tree or enospc)")
     return point, nth, action
 
 
-_POINT, _NTH, _ACTION = _parse(os.environ.get("FORGEKIT_FAULT", ""))
-_hits = 0
+class _Fault:
+    """The fault this process was asked for, and how often its point was reached."""
+
+    def __init__(self, value: str):
+        self.point, self.nth, self.action = _parse(value)
+        self.hits = 0
+
+
+@functools.cache
+def _fault() -> _Fault:
+    return _Fault(settings.fault())
 
 
 def checkpoint(name: str) -> None:
     """A place where a crash must be survivable; see the module docstring."""
-    if name != _POINT:
+    fault = _fault()
+    if name != fault.point:
         return
-    global _hits
-    _hits += 1
-    if _hits != _NTH:
+    fault.hits += 1
+    if fault.hits != fault.nth:
         return
-    log = os.environ.get("FORGEKIT_FAULT_LOG")
+    log = settings.fault_log()
     if log:
         with open(log, "a") as f:
-            f.write(f"{os.getpid()} {name} {_hits} {_ACTION}\n")
-    if _ACTION == "enospc":
+            f.write(f"{os.getpid()} {name} {fault.hits} {fault.action}\n")
+    if fault.action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    if _ACTION == "tree":
+    if fault.action == "tree":
         os.killpg(os.getpgid(0), signal.SIGKILL)
     os.kill(os.getpid(), signal.SIGKILL)

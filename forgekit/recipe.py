@@ -18,7 +18,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from .errors import RecipeError
 
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-DTYPES = ("bfloat16", "float16", "float32")
+# The transforms a rule may name. The schema only needs the names (so validating a recipe loads
+# no mlx); plan/transforms.py implements exactly these and checks that it does.
+TRANSFORM_NAMES = ("norm_shift", "norm_unshift", "conv1d_layout")
 
 
 class Frozen(BaseModel):
@@ -329,8 +331,6 @@ def load_recipe(ref: str | Path) -> Recipe:
 
 def _check_tables(recipe: Recipe, where: dict, path: Path) -> None:
     """Cross-field checks pydantic cannot express on one field."""
-    from .transforms import TRANSFORMS
-
     for role, source in recipe.sources.items():
         table = recipe.table_for(role)
         if table not in recipe.remap:
@@ -340,8 +340,8 @@ def _check_tables(recipe: Recipe, where: dict, path: Path) -> None:
             raise RecipeError(f"{_locate(where, ('remap', table), path)}: remap.{table}: empty rule list")
         for i, rule in enumerate(rules):
             for t in rule.transforms:
-                if t not in TRANSFORMS:
-                    known = ", ".join(sorted(TRANSFORMS))
+                if t not in TRANSFORM_NAMES:
+                    known = ", ".join(sorted(TRANSFORM_NAMES))
                     raise RecipeError(
                         f"{_locate(where, ('remap', table, i, 'transforms'), path)}: remap.{table}[{i}].transforms: "
                         f"unknown transform '{t}' (known: {known})"

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import BODY, BODY_WITH_MTP, DEMO_RECIPE, HEAD_GGUF, ran_tasks, run_doit, write_recipe
-from forgekit import cache as cache_mod
-from forgekit.cache import ObjectStore, StatMemo, cache_gc, cache_ls, cache_verify, make_temp, stale_temp
+from forgekit.build import store as cache_mod
+from forgekit.build.gc import cache_gc, cache_ls, cache_verify
+from forgekit.build.store import ObjectStore, StatMemo
+from forgekit.fileio import make_temp, stale_temp
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -71,9 +73,10 @@ def _same(a: mx.array, b: mx.array) -> bool:
 
 
 def test_raw_reads_equal_the_sources_own_reads():
-    from forgekit.parallel import read_rows
-    from forgekit.write import raw_ref
+    from forgekit.build.compute import Workspace
+    from forgekit.build.shard import raw_ref
 
+    read_rows = Workspace().read_rows
     checked = 0
     for source in _sources():
         for key in source.keys():
@@ -90,10 +93,11 @@ def test_raw_reads_equal_the_sources_own_reads():
 def test_ggml_quantized_gguf_rows_dequantize_like_the_source(tmp_path):
     import gguf
 
-    from forgekit.parallel import read_rows
+    from forgekit.build.compute import Workspace
+    from forgekit.build.shard import raw_ref
     from forgekit.sources.gguf_file import GGUFSource
-    from forgekit.write import raw_ref
 
+    read_rows = Workspace().read_rows
     rng = np.random.default_rng(0)
     data = rng.standard_normal((16, 64)).astype(np.float32)
     path = tmp_path / "q.gguf"
@@ -122,25 +126,42 @@ def _plan(tmp_path: Path, extra: str = "", max_shard: int = 100_000):
     return make_plan(load_recipe(recipe))
 
 
+def _whole_tensor_reference(t, source) -> list[bytes]:
+    """One entry's output parts computed whole, from public pieces only: the source's own
+    reader, the transform registry, and mlx's cast and quantize (not forgekit's compute path)."""
+    from forgekit.plan.transforms import TRANSFORMS
+
+    a = source.read(t.source_key)
+    for name in t.transforms:
+        a = TRANSFORMS[name].apply(a)
+    a = a.astype(getattr(mx, t.dtype))
+    parts = [a] if t.quant is None else list(mx.quantize(a, group_size=t.quant.group_size, bits=t.quant.bits,
+                                                             mode=t.quant.mode))
+    out = []
+    for x in parts:
+        x = x.view(mx.uint16) if x.dtype == mx.bfloat16 else x
+        out.append(bytes(memoryview(np.asarray(x)).cast("B")))
+    return out
+
+
 def test_row_chunked_pieces_write_the_whole_tensor_bytes(tmp_path, monkeypatch):
     """Tiny row chunks (many pieces per tensor, written out of order) == whole-tensor reference."""
-    import forgekit.quant as quant
-    from forgekit.write import layout, reference_bytes, write_shard
+    from forgekit.build.shard import layout, write_shard
+    from forgekit.plan.quant import ROW_CHUNK_BYTES
 
     plan = _plan(tmp_path)
     monkeypatch.setenv("FORGEKIT_JOBS", "1")
     digests = {}
-    for chunk in (quant.ROW_CHUNK_BYTES, 512):
-        monkeypatch.setattr(quant, "ROW_CHUNK_BYTES", chunk)
+    for chunk in (ROW_CHUNK_BYTES, 512):
         for name, entries in plan.files.items():
             path = tmp_path / f"{chunk}-{name}"
-            digests.setdefault(name, set()).add(write_shard(path, entries, plan.sources))
+            digests.setdefault(name, set()).add(write_shard(path, entries, plan.sources, chunk_bytes=chunk).digest)
             if chunk != 512:
                 continue
             head, offsets = layout(entries, {"format": "mlx"})
             raw = path.read_bytes()
             for t, parts in zip(entries, offsets):
-                want = reference_bytes(t, plan.sources[t.role])
+                want = _whole_tensor_reference(t, plan.sources[t.role])
                 got = [raw[len(head) + o: len(head) + o + n] for o, n in parts]
                 assert got == want, t.key
     assert all(len(d) == 1 for d in digests.values()), digests
@@ -273,17 +294,18 @@ def test_non_finite_head_values_fail_the_build_naming_the_tensor(tmp_path, tenso
 
 def test_descriptor_cache_never_closes_an_output_being_written(tmp_path):
     """Reading many source files (cache eviction) must not close a job's open output descriptor."""
-    from forgekit import parallel
+    from forgekit.build.compute import Workspace
 
     out = tmp_path / "out.bin"
     out.write_bytes(b"\0" * 8)
+    ws = Workspace()
     try:
-        wfd = parallel._fd(str(out), os.O_WRONLY)
+        wfd = ws.fd(str(out), os.O_WRONLY)
         for i in range(40):
             src = tmp_path / f"src{i}"
             src.write_bytes(bytes([i]))
-            assert os.pread(parallel._fd(str(src), os.O_RDONLY), 1, 0) == bytes([i])
+            assert os.pread(ws.fd(str(src), os.O_RDONLY), 1, 0) == bytes([i])
         os.pwrite(wfd, b"written!", 0)
     finally:
-        parallel.close_files()
+        ws.close()
     assert out.read_bytes() == b"written!"

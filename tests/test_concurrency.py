@@ -1,7 +1,7 @@
 """Concurrent builds, with real doit processes started at the same moment.
 
 Two `doit build` of one output dir: the build lock (`<out>.build-lock`, an flock taken when the
-dodo loads the recipe, see forgekit/dodo_support.hold_build_lock) lets one work; the other waits
+dodo loads the recipe, see forgekit/build/output_lock.hold_build_lock) lets one work; the other waits
 and then finds everything up to date (default), or, with FORGEKIT_LOCK_WAIT=0, exits at once
 with one line. Either way the output is one clean build, never interleaved. Builds of different
 output dirs sharing one cache run side by side.
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_RECIPE, ROOT, ran_tasks, run_doit, write_recipe
-from forgekit.cache import cache_verify, hash_file
+from forgekit.build.gc import cache_verify
+from forgekit.build.store import hash_file
 
 SLOW_PIECES = {"FORGEKIT_TEST_PIECE_DELAY": "0.02"}   # ~130 pieces: the build holds the lock for seconds
 WAITING = re.compile(r"^forgekit: .*/out: another build is writing this output \(pid \d+\); waiting for it to finish$")

@@ -1,6 +1,6 @@
 """Crash safety, proven with real doit runs and real SIGKILLs.
 
-A build is killed at named checkpoints (forgekit/faults.py: `FORGEKIT_FAULT=<point>:<n>:tree`
+A build is killed at named checkpoints (forgekit/faults.py: `FORGEKIT_TEST_FAULT=<point>:<n>:tree`
 SIGKILLs the whole build — doit, and the helper processes writing shards — the n-th time a
 process reaches <point>) while it replaces an earlier good build of the same output dir. Then:
   - the output dir is still exactly the earlier build (or, once the swap is done, exactly the
@@ -29,12 +29,13 @@ from pathlib import Path
 import pytest
 
 from conftest import DEMO_RECIPE, HEAD_GGUF, ROOT, ran_tasks, run_doit, write_recipe
-from forgekit.cache import cache_verify, hash_file
+from forgekit.build.gc import cache_verify
+from forgekit.build.store import hash_file
 from forgekit.faults import POINTS
 
 # Helpers on, tiny jobs, sources hashed on the pool: every worker-side point is reachable.
-POOL = {"FORGEKIT_JOBS": "2", "FORGEKIT_POOL_MIN_BYTES": "0", "FORGEKIT_JOB_BYTES": "4096",
-        "FORGEKIT_HASH_IN_POOL_BYTES": "0"}
+POOL = {"FORGEKIT_JOBS": "2", "FORGEKIT_TEST_POOL_MIN_BYTES": "0", "FORGEKIT_TEST_JOB_BYTES": "4096",
+        "FORGEKIT_TEST_HASH_IN_POOL_BYTES": "0"}
 CHEAP = "verify: []"
 FULL = ""  # the demo's own verify list (structural, norms, load, parity, mtp)
 AFTER_SWAP = {"swap.exchanged", "publish.swapped"}
@@ -114,8 +115,8 @@ def doit_cmd(recipe: Path, work: Path) -> list[str]:
 def run_faulted(recipe: Path, work: Path, cache: Path, fault: str, env: dict | None = None,
                 preexec=None) -> subprocess.CompletedProcess:
     """A real doit build in its own session (so `tree` kills the build, never pytest)."""
-    full = {**os.environ, "FORGEKIT_CACHE": str(cache), "FORGEKIT_FAULT": fault,
-            "FORGEKIT_FAULT_LOG": str(work / "fault.log"), **POOL, **(env or {})}
+    full = {**os.environ, "FORGEKIT_CACHE": str(cache), "FORGEKIT_TEST_FAULT": fault,
+            "FORGEKIT_TEST_FAULT_LOG": str(work / "fault.log"), **POOL, **(env or {})}
     return subprocess.run(doit_cmd(recipe, work), cwd=work, env=full, capture_output=True, text=True,
                           timeout=120, start_new_session=True, preexec_fn=preexec)
 

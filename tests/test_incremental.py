@@ -209,7 +209,7 @@ def test_tampered_cache_object_is_detected_and_rebuilt(built, restore_mtime):
     assert shards_ran(proc) == [target], proc.stdout
     assert f"built {target}:" in proc.stdout
     assert model_bytes(out) == model_bytes_of(before), "a corrupt object was served"
-    from forgekit.cache import hash_file
+    from forgekit.build.store import hash_file
 
     assert hash_file(obj) == record["digest"]
     # A tampered object is never served into a fresh output either.
@@ -238,7 +238,7 @@ def test_output_identical_cold_from_cache_and_after_interrupted_build(tmp_path):
     c.mkdir()
     recipe_c = base_recipe(c, verify="verify: []")
     env = dict(os.environ, FORGEKIT_CACHE=str(c / "cache"), FORGEKIT_TEST_PIECE_DELAY="0.1",
-               FORGEKIT_JOB_BYTES="1", FORGEKIT_POOL_MIN_BYTES="0", FORGEKIT_JOBS="2")
+               FORGEKIT_TEST_JOB_BYTES="1", FORGEKIT_TEST_POOL_MIN_BYTES="0", FORGEKIT_JOBS="2")
     cmd = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(c), "build", f"recipe={recipe_c}"]
     doit = subprocess.Popen(cmd, cwd=c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -274,8 +274,8 @@ def test_pool_and_doit_process_parallelism_give_identical_bytes(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
     proc = build(base_recipe(pool, verify="verify: []"), pool,
-                 env={"FORGEKIT_JOBS": "2", "FORGEKIT_POOL_MIN_BYTES": "0", "FORGEKIT_JOB_BYTES": "4096",
-                      "FORGEKIT_HASH_IN_POOL_BYTES": "0"})
+                 env={"FORGEKIT_JOBS": "2", "FORGEKIT_TEST_POOL_MIN_BYTES": "0", "FORGEKIT_TEST_JOB_BYTES": "4096",
+                      "FORGEKIT_TEST_HASH_IN_POOL_BYTES": "0"})
     assert "2 workers" in proc.stdout, proc.stdout
     assert file_bytes(pool / "out") == expected
     manifest = lambda d: json.loads((d / "out" / ".forgekit" / "manifest.json").read_text())  # noqa: E731

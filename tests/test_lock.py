@@ -14,9 +14,9 @@ import pytest
 from test_hub import populate_hub_cache
 
 from conftest import BODY, HEAD_GGUF, run_doit, write_recipe
-from forgekit.cache import hash_file
+from forgekit.build.store import hash_file
 from forgekit.cli import main
-from forgekit.lock import lock_differences
+from forgekit.build.lock import lock_differences
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from conftest import ROOT, demo_recipe, run_doit
-from forgekit.cache import StatMemo
+from forgekit.build.store import StatMemo
 from forgekit.errors import VerifyError
-from forgekit.tasks import MANIFEST
+from forgekit.build.store import MANIFEST
 from forgekit.verify import verify_directory
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

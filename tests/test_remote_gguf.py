@@ -18,7 +18,7 @@ from fake_hub import FakeHub, serve
 
 from conftest import BODY, HEAD_GGUF, ROOT, run_doit, write_recipe
 from forgekit.recipe import load_recipe
-from forgekit.remap import Table
+from forgekit.plan.remap import Table
 from forgekit.sources.remote_gguf import open_remote_gguf
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

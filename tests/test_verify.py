@@ -137,24 +137,26 @@ def _copy_with_head(built_demo, tmp_path, edit):
 
 
 def test_load_step_loads_the_head_strictly(built_demo, tmp_path):
-    from forgekit.tasks import plan_for
+    from forgekit.plan import make_plan
+    from forgekit.recipe import load_recipe
     from forgekit.verify import load
 
     def wrong_shape(head):
         head["mtp.fc.weight"] = head["mtp.fc.weight"][:, :64]
         return head
     copy = _copy_with_head(built_demo, tmp_path, wrong_shape)
-    result = load.run(copy, plan_for(str(demo_recipe(tmp_path))), {})
+    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), {})
     assert not result["passed"] and "does not load strictly" in result["cause"] and "mtp.fc.weight" in result["cause"]
 
 
 def test_load_step_rejects_non_finite_logits(built_demo, tmp_path):
-    from forgekit.tasks import plan_for
+    from forgekit.plan import make_plan
+    from forgekit.recipe import load_recipe
     from forgekit.verify import load
 
     def nan_norm(head):
         head["mtp.norm.weight"] = mx.full(head["mtp.norm.weight"].shape, float("nan"), dtype=mx.bfloat16)
         return head
     copy = _copy_with_head(built_demo, tmp_path, nan_norm)
-    result = load.run(copy, plan_for(str(demo_recipe(tmp_path))), {})
+    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), {})
     assert not result["passed"] and result["cause"].startswith("head logits on fixed tokens are not finite")

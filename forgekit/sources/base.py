@@ -1,11 +1,11 @@
-"""The interface every tensor source offers: keys(), info(key), read(key)."""
+"""The interface every tensor source offers. Every field is declared here; nothing is
+attached to a source from outside, and code outside `sources/` never asks which kind a
+source is (it asks the source: `placeholders()`, `location()`, `kind`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import mlx.core as mx
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class TensorInfo:
 
 @dataclass
 class TensorSource:
-    """Base class. Subclasses fill `tensors` and implement `read`."""
+    """Base class. Subclasses fill `tensors` while they are constructed and implement `read`."""
 
     role: str
     files: list[Path]
@@ -28,6 +28,10 @@ class TensorSource:
     config: dict | None = None           # config.json of a model directory, if any
     metadata: dict = field(default_factory=dict)  # GGUF key/values, hub revision, ...
     root: Path | None = None             # directory holding config/tokenizer files
+    unread: list[str] = field(default_factory=list)  # tensors known by name only (not downloaded): still planned for
+    remote: dict | None = None           # what a byte-range fetch cost (remote GGUF), for `forgekit plan`
+
+    kind = "tensors"                     # "safetensors" or "gguf": for reports and norm conventions
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -35,10 +39,16 @@ class TensorSource:
     def info(self, key: str) -> TensorInfo:
         return self.tensors[key]
 
-    def read(self, key: str, rows: slice | None = None) -> mx.array:
+    def read(self, key: str, rows: slice | None = None):
+        """The tensor (or rows of dim 0) as an mlx array in its source dtype (dequantized if stored quantized)."""
         raise NotImplementedError
 
     def location(self, key: str) -> tuple[str, int, str] | None:
-        """(file, absolute byte offset, storage type) of a tensor stored contiguously, for
-        readers that pread bytes directly; None when only `read` can produce it."""
+        """(file, absolute byte offset, storage) of a tensor stored contiguously, for readers that
+        pread bytes directly; storage is a safetensors dtype code or `GGML:<type>` for GGUF block
+        types. None when only `read` can produce it."""
         return None
+
+    def placeholders(self) -> dict[str, str]:
+        """Values for `{name}` placeholders in remap patterns (e.g. a GGUF's `mtp_block`)."""
+        return {}

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
+from ..dtypes import BY_GGML
 from ..errors import SourceError
 from .base import TensorInfo, TensorSource
 
-EXACT_TYPES = {"F32": ("float32", np.float32, None), "F16": ("float16", np.float16, None), "BF16": ("bfloat16", np.uint16, mx.bfloat16)}
+GGML_PREFIX = "GGML:"   # location() storage of GGUF block-quantized types, dequantized with gguf.quants
 
 
 def _field_value(field):
@@ -35,7 +35,10 @@ def _field_value(field):
 
 
 class GGUFSource(TensorSource):
-    def __init__(self, role: str, path: Path):
+    kind = "gguf"
+
+    def __init__(self, role: str, path: Path, unread: tuple[str, ...] = (), remote: dict | None = None):
+        """`unread`/`remote`: a partial copy of a remote GGUF (sources/remote_gguf.py)."""
         import gguf
 
         path = Path(path)
@@ -45,7 +48,7 @@ class GGUFSource(TensorSource):
             self.reader = gguf.GGUFReader(path)
         except (ValueError, IndexError, OSError) as exc:
             raise SourceError(f"{path}: not a readable GGUF file ({exc})") from None
-        super().__init__(role=role, files=[path], root=None)
+        super().__init__(role=role, files=[path], root=None, unread=list(unread), remote=remote)
         size = path.stat().st_size
         for key, field in self.reader.fields.items():
             if key.startswith("GGUF.") or key.startswith("tokenizer.ggml."):
@@ -57,7 +60,7 @@ class GGUFSource(TensorSource):
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne order -> [out, in]
             if t.data_offset + t.n_bytes > size:
                 raise SourceError(f"{path}: tensor '{t.name}' data runs past the end of the file (truncated?)")
-            dtype = EXACT_TYPES[type_name][0] if type_name in EXACT_TYPES else "float32"
+            dtype = BY_GGML[type_name].name if type_name in BY_GGML else "float32"
             self.tensors[t.name] = TensorInfo(t.name, shape, dtype, int(t.n_bytes), str(path), type_name)
             self._tensors[t.name] = t
 
@@ -77,23 +80,28 @@ class GGUFSource(TensorSource):
             )
         return count - nextn
 
+    def placeholders(self) -> dict[str, str]:
+        return {"mtp_block": str(self.mtp_block())}
+
     def location(self, key: str) -> tuple[str, int, str]:
         t = self._tensors[key]
-        return str(self.files[0]), int(t.data_offset), t.tensor_type.name
+        name = t.tensor_type.name
+        storage = BY_GGML[name].st_code if name in BY_GGML else GGML_PREFIX + name
+        return str(self.files[0]), int(t.data_offset), storage
 
-    def read(self, key: str, rows: slice | None = None) -> mx.array:
+    def read(self, key: str, rows: slice | None = None):
         import gguf
+        import mlx.core as mx
 
         t = self._tensors[key]
         shape = self.tensors[key].shape
         type_name = t.tensor_type.name
-        if type_name in EXACT_TYPES:
-            _, np_dtype, view = EXACT_TYPES[type_name]
-            arr = np.asarray(t.data).view(np_dtype).reshape(shape)
+        if type_name in BY_GGML:
+            dt = BY_GGML[type_name]
+            arr = np.asarray(t.data).view(dt.storage).reshape(shape)
             if rows is not None:
                 arr = arr[rows]
-            out = mx.array(np.ascontiguousarray(arr))
-            return out.view(view) if view is not None else out
+            return mx.array(np.ascontiguousarray(arr)).view(dt.mlx())
         arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
         if rows is not None:
             arr = arr[rows]

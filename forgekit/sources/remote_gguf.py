@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,188 +34,19 @@ from urllib.parse import quote
 
 import xxhash
 
+from .. import settings
 from ..errors import SourceError
 from ..faults import checkpoint
+from ..fileio import atomic_write_bytes, make_temp, stale_temp
 from .gguf_file import GGUFSource
+from .gguf_header import Header, RangesRefused, TensorEntry, compact_layout, parse_header
 
-MIN_CHUNK = 64 * 1024            # first header request; later ones grow with what was read
 MERGE_GAP = 64 * 1024            # tensors closer than this are fetched in one request
 STREAM_CHUNK = 4 * 2**20
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 # Fetched even when the plan drops them: a few KB that prove the file's norm convention (the
-# norms verify step compares the GGUF's output_norm with the body's final norm, REFERENCE §2).
+# norms verify step compares the GGUF's output_norm with the body's final norm).
 EVIDENCE = ("output_norm.weight",)
-
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-class RangesRefused(Exception):
-    """The server does not honour byte ranges (or the file is not something we can slice)."""
-
-
-# ---------------------------------------------------------------- header parsing
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    name: str
-    dims: tuple[int, ...]   # GGUF `ne` order, as stored
-    ggml_type: int
-    offset: int             # relative to the data section
-    nbytes: int
-
-
-@dataclass
-class Header:
-    version: int
-    kv_count: int
-    kv_end: int             # absolute offset where the tensor infos start
-    data_start: int         # absolute offset of the (aligned) data section
-    alignment: int
-    metadata: dict          # scalar and string key/values (arrays skipped)
-    tensors: list[TensorEntry]
-    raw: bytes              # the file's first `data_start` bytes
-
-    def mtp_block(self) -> int | None:
-        arch = self.metadata.get("general.architecture")
-        count = self.metadata.get(f"{arch}.block_count")
-        nextn = self.metadata.get(f"{arch}.nextn_predict_layers")
-        if isinstance(count, int) and isinstance(nextn, int) and nextn >= 1:
-            return count - nextn
-        return None
-
-
-class _Cursor:
-    """Sequential reads over a prefix of the file that grows on demand through `fetch(start, end)`."""
-
-    def __init__(self, fetch: Callable[[int, int], bytes], size: int | None):
-        self.fetch, self.size = fetch, size
-        self.buf = bytearray()
-        self.pos = 0
-
-    def _ensure(self, end: int) -> None:
-        if end <= len(self.buf):
-            return
-        want = max(end, len(self.buf) + max(MIN_CHUNK, len(self.buf) // 4))
-        if self.size is not None:
-            if end > self.size:
-                raise SourceError("GGUF header runs past the end of the file (truncated or not a GGUF)")
-            want = min(want, self.size)
-        data = self.fetch(len(self.buf), want)
-        if len(data) != want - len(self.buf):
-            raise SourceError(f"short read: asked for bytes {len(self.buf)}-{want - 1}, got {len(data)} bytes")
-        self.buf += data
-
-    def take(self, n: int) -> bytes:
-        self._ensure(self.pos + n)
-        out = bytes(self.buf[self.pos:self.pos + n])
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str):
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        if n > 2**30:
-            raise SourceError(f"GGUF string of {n} bytes: not a GGUF header")
-        return self.take(n).decode("utf-8", "replace")
-
-
-def _value(cur: _Cursor, vtype: int):
-    if vtype in _SCALARS:
-        return cur.unpack(_SCALARS[vtype])
-    if vtype == _STRING:
-        return cur.string()
-    if vtype == _ARRAY:
-        etype, count = cur.unpack("<I"), cur.unpack("<Q")
-        if etype in _SCALARS:
-            cur.take(struct.calcsize(_SCALARS[etype]) * count)  # skipped in one read
-        else:
-            for _ in range(count):
-                _value(cur, etype)
-        return None
-    raise SourceError(f"GGUF value type {vtype} is unknown: not a GGUF header")
-
-
-def parse_header(fetch: Callable[[int, int], bytes], size: int | None = None,
-                 file_size: int | None = None) -> Header:
-    """Parse magic, key/values and the tensor table, reading only as far as needed.
-
-    `size`: how many bytes `fetch` can serve; `file_size`: the whole file's size (default
-    `size`), against which every tensor's data range is checked.
-    """
-    file_size = size if file_size is None else file_size
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    cur = _Cursor(fetch, size)
-    if cur.take(4) != b"GGUF":
-        raise SourceError("not a GGUF file (bad magic)")
-    version = cur.unpack("<I")
-    if version not in (2, 3):
-        raise RangesRefused(f"GGUF version {version} (or big-endian file) is not read by range")
-    n_tensors, kv_count = cur.unpack("<Q"), cur.unpack("<Q")
-    metadata: dict = {}
-    for _ in range(kv_count):
-        key = cur.string()
-        vtype = cur.unpack("<I")
-        value = _value(cur, vtype)
-        if value is not None:
-            metadata[key] = value
-    kv_end = cur.pos
-    alignment = int(metadata.get("general.alignment", 32))
-    tensors = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        n_dims = cur.unpack("<I")
-        dims = tuple(cur.unpack("<Q") for _ in range(n_dims))
-        ggml_type = cur.unpack("<I")
-        offset = cur.unpack("<Q")
-        try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        except (ValueError, KeyError):
-            raise SourceError(f"GGUF tensor '{name}' has unknown ggml type {ggml_type}") from None
-        n = 1
-        for d in dims:
-            n *= d
-        tensors.append(TensorEntry(name, dims, ggml_type, offset, n // block * type_size))
-    data_start = -(-cur.pos // alignment) * alignment
-    if size is not None and size == file_size:
-        data_start = min(data_start, size)
-    cur.take(data_start - cur.pos)  # the padding before the data section
-    raw = bytes(cur.buf[:data_start])
-    for t in tensors:
-        if file_size is not None and data_start + t.offset + t.nbytes > file_size:
-            raise SourceError(f"GGUF tensor '{t.name}' data runs past the end of the {file_size}-byte file")
-    return Header(version, kv_count, kv_end, data_start, alignment, metadata, tensors, raw)
-
-
-def _align(n: int, alignment: int) -> int:
-    return -(-n // alignment) * alignment
-
-
-def _pack_string(s: str) -> bytes:
-    b = s.encode("utf-8")
-    return struct.pack("<Q", len(b)) + b
-
-
-def compact_layout(header: Header, keep: list[TensorEntry]) -> tuple[bytes, dict[str, int]]:
-    """Header bytes of a GGUF holding the same key/values and only `keep`; new absolute offsets."""
-    out = bytearray(b"GGUF" + struct.pack("<IQQ", header.version, len(keep), header.kv_count))
-    out += header.raw[24:header.kv_end]
-    offsets, rel = {}, 0
-    infos = bytearray()
-    for t in keep:
-        rel = _align(rel, header.alignment)
-        infos += _pack_string(t.name) + struct.pack("<I", len(t.dims))
-        infos += struct.pack(f"<{len(t.dims)}Q", *t.dims) + struct.pack("<IQ", t.ggml_type, rel)
-        offsets[t.name] = rel
-        rel += t.nbytes
-    out += infos
-    data_start = _align(len(out), header.alignment)
-    out += b"\0" * (data_start - len(out))
-    return bytes(out), {name: data_start + off for name, off in offsets.items()}
 
 
 def ranges_for(header: Header, keep: list[TensorEntry], gap: int = MERGE_GAP) -> list[tuple[int, int, list[TensorEntry]]]:
@@ -306,14 +136,10 @@ class _Paths:
 
 
 def _paths(repo: str, file: str) -> _Paths:
-    from ..cache import cache_root
-
-    return _Paths(cache_root() / "remote-gguf" / ("models--" + repo.replace("/", "--")), repo, file)
+    return _Paths(settings.cache_root() / "remote-gguf" / ("models--" + repo.replace("/", "--")), repo, file)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from ..cache import atomic_write_bytes
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, data)
 
@@ -388,8 +214,6 @@ def _header(paths: _Paths, res: Resolved) -> Header:
 
 def _materialize(path: Path, header: Header, keep: list[TensorEntry], remote: RemoteFile) -> None:
     """Write the small GGUF: header bytes, then each needed tensor's bytes from its range."""
-    from ..cache import make_temp, stale_temp
-
     head_bytes, new_offsets = compact_layout(header, keep)
     total = max([new_offsets[t.name] + t.nbytes for t in keep], default=len(head_bytes))
     for left in path.parent.glob(f".{path.name}.*.tmp"):  # a fetch that was killed (its pid is gone)
@@ -471,13 +295,13 @@ def open_remote_gguf(role: str, repo: str, file: str, revision: str | None,
             raise SourceError(f"hub source {repo}@{revision}: {file}: {exc}") from None
         except Exception as exc:
             raise hub._hub_error(repo, revision, exc) from None
-    source = GGUFSource(role, compact)
     wanted = {t.name for t in needed}
-    source.unread = [t.name for t in header.tensors if t.name not in wanted]
-    source.remote = {"file": file, "size": res.size, "etag": res.etag, "fetched_tensors": len(needed),
+    remote = {"file": file, "size": res.size, "etag": res.etag, "fetched_tensors": len(needed),
                      "fetched_bytes": sum(t.nbytes for t in needed), "header_bytes": header.data_start,
                      "requests": res.remote.requests if res.remote else 0,
                      "bytes_downloaded": res.remote.bytes_fetched if res.remote else 0}
+    source = GGUFSource(role, compact, unread=[t.name for t in header.tensors if t.name not in wanted],
+                        remote=remote)
     return source, {**prov, "commit": res.commit, "fetch": "ranges",
                     "remote": {"size": res.size, "etag": res.etag, "tensors": len(needed)}}
 

@@ -11,26 +11,12 @@ import mmap
 import struct
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 
+from ..dtypes import BY_ST_CODE
 from ..errors import SourceError
 from .base import TensorInfo, TensorSource
 
-# safetensors dtype code -> (forgekit dtype, numpy storage dtype, mlx view dtype or None)
-ST_DTYPES = {
-    "BF16": ("bfloat16", np.uint16, mx.bfloat16),
-    "F16": ("float16", np.float16, None),
-    "F32": ("float32", np.float32, None),
-    "F64": ("float64", np.float64, None),
-    "I64": ("int64", np.int64, None),
-    "I32": ("int32", np.int32, None),
-    "I16": ("int16", np.int16, None),
-    "I8": ("int8", np.int8, None),
-    "U8": ("uint8", np.uint8, None),
-    "U32": ("uint32", np.uint32, None),
-    "BOOL": ("bool", np.bool_, None),
-}
 MAX_HEADER = 100 * 2**20
 
 
@@ -58,9 +44,9 @@ def read_header(path: Path) -> tuple[dict, int]:
             dtype, shape, (lo, hi) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise SourceError(f"{path}: tensor '{name}': malformed header entry") from None
-        if dtype not in ST_DTYPES:
+        if dtype not in BY_ST_CODE:
             raise SourceError(f"{path}: tensor '{name}': unsupported dtype {dtype}")
-        itemsize = np.dtype(ST_DTYPES[dtype][1]).itemsize
+        itemsize = BY_ST_CODE[dtype].itemsize
         expected = int(np.prod(shape, dtype=np.int64)) * itemsize
         if not (0 <= lo <= hi) or hi - lo != expected:
             raise SourceError(
@@ -77,6 +63,8 @@ def read_header(path: Path) -> tuple[dict, int]:
 
 
 class SafetensorsSource(TensorSource):
+    kind = "safetensors"
+
     def __init__(self, role: str, path: Path, only_files: list[str] | None = None, unread: list[str] = ()):
         """`only_files`/`unread`: a partial download; `unread` tensors are known by name only."""
         path = Path(path)
@@ -87,8 +75,7 @@ class SafetensorsSource(TensorSource):
             files, root = [path], path.parent
         else:
             raise SourceError(f"{path}: source does not exist")
-        super().__init__(role=role, files=files, root=root)
-        self.unread = list(unread)
+        super().__init__(role=role, files=files, root=root, unread=list(unread))
         self._where: dict[str, tuple[Path, int, str, tuple]] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         for file in files:
@@ -96,7 +83,7 @@ class SafetensorsSource(TensorSource):
             for name, e in header.items():
                 if name in self.tensors:
                     raise SourceError(f"{file}: tensor '{name}' also appears in {self.tensors[name].file}")
-                dtype = ST_DTYPES[e["dtype"]][0]
+                dtype = BY_ST_CODE[e["dtype"]].name
                 lo, hi = e["data_offsets"]
                 self.tensors[name] = TensorInfo(name, tuple(e["shape"]), dtype, hi - lo, str(file), e["dtype"])
                 self._where[name] = (file, start + lo, e["dtype"], tuple(e["shape"]))
@@ -117,15 +104,17 @@ class SafetensorsSource(TensorSource):
         file, offset, code, _ = self._where[key]
         return str(file), offset, code
 
-    def read(self, key: str, rows: slice | None = None) -> mx.array:
+    def read(self, key: str, rows: slice | None = None):
+        import mlx.core as mx
+
         file, offset, code, shape = self._where[key]
-        _, np_dtype, view = ST_DTYPES[code]
+        dt = BY_ST_CODE[code]
         count = int(np.prod(shape, dtype=np.int64))
-        arr = np.frombuffer(self._map(file), dtype=np_dtype, count=count, offset=offset).reshape(shape)
+        arr = np.frombuffer(self._map(file), dtype=dt.storage, count=count, offset=offset).reshape(shape)
         if rows is not None:
             arr = arr[rows]
         out = mx.array(np.ascontiguousarray(arr))
-        return out.view(view) if view is not None else out
+        return out.view(dt.mlx()) if dt.name == "bfloat16" else out
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -1,7 +1,7 @@
 """Verification steps: each takes the assembled directory and the plan, returns a
 result dict {step, passed, summary, ...} or raises VerifyError naming the cause.
 
-Steps (module forgekit.verify.<step>, function run(directory, plan, params)):
+Steps (module forgekit.verify.<step>, function run(directory, plan, params, bodies)):
 structural, norms, load, parity, mtp. `verify_directory` runs a recipe's steps on an
 existing directory (for `forgekit verify DIR --recipe R`); `report_table` renders
 results for the end of a build.
@@ -17,12 +17,13 @@ from ..errors import ForgeError, VerifyError
 from ..recipe import VerifyStep
 
 
-def run_step(step: VerifyStep, directory: Path, plan) -> dict:
-    """Run one step (module forgekit.verify.<step>, function run)."""
+def run_step(step: VerifyStep, directory: Path, plan, bodies=None) -> dict:
+    """Run one step (module forgekit.verify.<step>, function run). `bodies`: a load.BodyCache
+    shared by the steps of one build, so a large model is loaded once."""
     module = importlib.import_module(f"{__name__}.{step.step}")
     start = time.time()
     try:
-        result = module.run(Path(directory), plan, dict(step.params))
+        result = module.run(Path(directory), plan, dict(step.params), bodies)
     except VerifyError:
         raise
     except ForgeError as exc:  # e.g. a corrupt file met while checking: still this step's failure
@@ -36,23 +37,27 @@ def run_step(step: VerifyStep, directory: Path, plan) -> dict:
     return result
 
 
-def verify_directory(directory: Path | str, recipe_ref: str) -> dict:
-    """Plan `recipe_ref` and run all its verify steps on `directory`; print a table.
+def verify_directory(directory: Path | str, recipe_ref) -> dict:
+    """Plan `recipe_ref` (a recipe name/path, or a BuildPlan) and run all its verify steps on
+    `directory`; print a table. Verifying needs no keys, so no source is hashed.
 
     Returns the report {passed, steps, summary, results} (the shape of the build's
     forgekit-report.json). Raises VerifyError at the first failing step, after
     printing the table of the steps that ran.
     """
-    from ..tasks import plan_for
+    from ..plan import BuildPlan, make_plan
+    from ..recipe import load_recipe
+    from .load import BodyCache
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise ForgeError(f"{directory}: not a model directory (no config.json)")
-    plan = plan_for(str(recipe_ref))
+    plan = recipe_ref if isinstance(recipe_ref, BuildPlan) else make_plan(load_recipe(str(recipe_ref)))
+    bodies = BodyCache()
     results = []
     for step in plan.recipe.verify:
         try:
-            results.append(run_step(step, directory, plan))
+            results.append(run_step(step, directory, plan, bodies))
         except VerifyError as exc:
             results.append({"step": step.step, "passed": False, "cause": exc.cause})
             print(report_table(results), flush=True)

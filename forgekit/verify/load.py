@@ -3,8 +3,8 @@ forgekit's MTPHeadModel (mlx-lm's own DecoderLayer); a forward pass on fixed tok
 finite logits for the trunk and for a depth-1 draft.
 
 Also the loading helpers the parity and mtp steps share (`load_body`, `load_head`,
-`trunk`, `prompt_tokens`). The last loaded body is kept, so the steps of one build
-load a large model once.
+`trunk`, `prompt_tokens`). A `BodyCache` passed by the caller keeps the last loaded body,
+so the steps of one build load a large model once.
 
 params: tokens (fixed token ids; default 4 deterministic ids), compute_dtype (float32).
 """
@@ -17,9 +17,6 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..mtp_head import MTPHeadModel, text_args
-
-_BODY_CACHE: dict = {}
-
 
 def _signature(directory: Path) -> tuple:
     """Identity of a model directory's current contents (path + stat of its files)."""
@@ -53,22 +50,27 @@ def cast_floats(module, dtype) -> None:
         mx.eval(module.parameters())
 
 
-def load_body(directory: Path, dtype=mx.bfloat16):
-    """(model, tokenizer) through mlx-lm's own loader, strict, floats cast to `dtype`;
-    cached for the last directory and dtype."""
-    from mlx_lm import load
+class BodyCache:
+    """The last body loaded by `load`, keyed by the directory's contents and the dtype."""
 
-    key = (_signature(Path(directory)), str(dtype))
-    if _BODY_CACHE.get("key") != key:
-        _BODY_CACHE.clear()
-        model, tokenizer = load(str(directory))
-        cast_floats(model, dtype)
-        _BODY_CACHE.update(key=key, value=(model, tokenizer))
-    return _BODY_CACHE["value"]
+    def __init__(self):
+        self.key = None
+        self.value = None
 
+    def load(self, directory: Path, dtype=mx.bfloat16):
+        """(model, tokenizer) through mlx-lm's own loader, strict, floats cast to `dtype`."""
+        from mlx_lm import load
 
-def forget_body() -> None:
-    _BODY_CACHE.clear()
+        key = (_signature(Path(directory)), str(dtype))
+        if self.key != key:
+            self.clear()
+            model, tokenizer = load(str(directory))
+            cast_floats(model, dtype)
+            self.key, self.value = key, (model, tokenizer)
+        return self.value
+
+    def clear(self) -> None:
+        self.key = self.value = None
 
 
 def head_file(directory: Path, config: dict) -> Path:
@@ -76,7 +78,7 @@ def head_file(directory: Path, config: dict) -> Path:
 
 
 def contract(config: dict) -> dict:
-    """The MTP draft contract the config declares (REFERENCE §5 defaults otherwise)."""
+    """The MTP draft contract the config declares (the runtime's defaults otherwise)."""
     declared = config.get("mtplx_mtp_contract") or {}
     return {"base_hidden_variant": declared.get("base_hidden_variant", "post_norm"),
             "hidden_variant": declared.get("hidden_variant", "post_norm"),
@@ -112,11 +114,11 @@ def prompt_tokens(prompts: list, tokenizer, max_tokens: int | None = None) -> li
     return out
 
 
-def run(directory: Path, plan, params: dict) -> dict:
+def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     try:
         dtype = compute_dtype(params)
-        model, tokenizer = load_body(directory, dtype)
+        model, tokenizer = (bodies or BodyCache()).load(directory, dtype)
     except Exception as exc:  # mlx-lm's own words are the cause
         return {"passed": False, "cause": f"mlx-lm cannot load the body: {type(exc).__name__}: {exc}"}
     try:

@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import draft_chain
-from .load import compute_dtype, contract, load_body, load_head, prompt_tokens, trunk
+from .load import BodyCache, compute_dtype, contract, load_head, prompt_tokens, trunk
 
 
 def greedy_trace(model, prompts: mx.array, new_tokens: int) -> tuple[mx.array, mx.array]:
@@ -79,7 +79,7 @@ def _thresholds(params: dict, depth: int) -> list[float]:
     return [float(v) for v in values[:depth]]
 
 
-def run(directory: Path, plan, params: dict) -> dict:
+def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     declared = contract(config)
     for key in ("base_hidden_variant", "hidden_variant"):
@@ -98,7 +98,7 @@ def run(directory: Path, plan, params: dict) -> dict:
     start = time.time()
     try:
         dtype = compute_dtype(params)
-        model, tokenizer = load_body(directory, dtype)
+        model, tokenizer = (bodies or BodyCache()).load(directory, dtype)
         head = load_head(directory, config, dtype).mtp
         ids = prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
     except Exception as exc:  # the load step names these precisely; here they only stop the probe

@@ -194,7 +194,7 @@ def _head_problems(head: dict, summary: dict) -> list[str]:
     return []
 
 
-def run(directory: Path, plan, params: dict) -> dict:
+def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     tol = float(params.get("tolerance", 0.01))
     norms, where = output_norms(directory)
     problems = [f"{where[k]} '{k}' is all zeros" for k, v in norms.items() if not bool(mx.any(v != 0))]
@@ -202,10 +202,10 @@ def run(directory: Path, plan, params: dict) -> dict:
     conventions: dict[str, str] = {}
     summary: dict = {"norms_checked": 0}
     for role, source in plan.sources.items():
-        if isinstance(source, SafetensorsSource):
+        if source.kind == "safetensors":
             conventions[role] = safetensors_convention(source, params.get("hf_norms"))
     for role, source in plan.sources.items():
-        if isinstance(source, GGUFSource):
+        if source.kind == "gguf":
             conv, problem, numbers = gguf_convention(source, _final_norm_abs(plan, conventions),
                                                      params.get("gguf_norms"), tol)
             summary.update(numbers)

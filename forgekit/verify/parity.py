@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import text_args
-from .load import compute_dtype, forget_body, load_body, prompt_tokens, trunk
+from .load import BodyCache, compute_dtype, prompt_tokens, trunk
 
 
 def _greedy_extend(model, ids: list[int], new_tokens: int) -> list[int]:
@@ -59,7 +59,7 @@ def sequences(params: dict, tokenizer, vocab: int) -> list[list[int]]:
     return rng.integers(0, vocab, size=(spec["count"], spec["length"])).tolist()
 
 
-def run(directory: Path, plan, params: dict) -> dict:
+def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) -> dict:
     from mlx_lm import load
 
     min_top1, max_kl = float(params.get("min_top1", 0.9)), float(params.get("max_mean_kl", 0.1))
@@ -69,8 +69,9 @@ def run(directory: Path, plan, params: dict) -> dict:
     start = time.time()
     try:
         dtype = compute_dtype(params)
-        _, tokenizer = load_body(directory, dtype)
-        forget_body()                 # one model in memory at a time
+        bodies = bodies or BodyCache()
+        _, tokenizer = bodies.load(directory, dtype)
+        bodies.clear()                 # one model in memory at a time
         gc.collect()
         source, _ = load(str(root))
         seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
@@ -81,7 +82,7 @@ def run(directory: Path, plan, params: dict) -> dict:
     source_seconds = time.time() - start
     del source
     gc.collect()
-    built, _ = load_body(directory, dtype)
+    built, _ = bodies.load(directory, dtype)
     agree, kls = [], []
     for seq, ref in zip(seqs, reference):
         lp = np.array(_log_probs(built, seq))

@@ -48,7 +48,7 @@ def _fail(cause: str, **extra) -> dict:
     return {"passed": False, "cause": cause, **extra}
 
 
-def run(directory: Path, plan, params: dict) -> dict:
+def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     head_file = config.get("mlx_lm_extra_tensors", {}).get("mtp_file", HEAD_FILE_DEFAULT)
     if head_file.startswith("model"):
@@ -120,7 +120,7 @@ def run(directory: Path, plan, params: dict) -> dict:
     # Every source tensor accounted for (the plan enforces it; record the numbers).
     accounted = {role: len([t for t in plan.tensors if t.role == role]) + len(plan.dropped.get(role, {}))
                  for role in plan.sources}
-    total = {role: len(src.keys()) + len(getattr(src, "unread", [])) for role, src in plan.sources.items()}
+    total = {role: len(src.keys()) + len(src.unread) for role, src in plan.sources.items()}
     if accounted != total:
         return _fail(f"source tensors not all accounted for: {accounted} of {total}")
     quantized = sum(1 for k in trunk if k.endswith(".scales"))

@@ -9,8 +9,8 @@ import json
 import platform
 from pathlib import Path
 
-from . import __version__
-from .plan import BuildPlan
+from .. import __version__
+from ..plan import BuildPlan
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
@@ -64,13 +64,13 @@ def copied_files(plan: BuildPlan) -> dict[str, Path]:
     return {n: root / n for n in names if root is not None and (root / n).is_file()}
 
 
-def source_summary(plan: BuildPlan) -> list[dict]:
+def source_summary(plan: BuildPlan, digests: dict[str, dict[str, str]]) -> list[dict]:
     """Provenance per source: location, revision, digests, and the GGML types actually stored."""
     out = []
     for prov in plan.provenance:
         src = plan.sources[prov["role"]]
         stored = sorted({t.stored_as for t in plan.tensors if t.role == prov["role"]})
-        out.append({**prov, "files": {Path(f).name: d for f, d in plan.digests.get(prov["role"], {}).items()},
+        out.append({**prov, "files": {Path(f).name: d for f, d in digests.get(prov["role"], {}).items()},
                     "stored_as": stored, "format": type(src).__name__})
     return out
 
@@ -87,7 +87,7 @@ def verification_status(verification: dict) -> str:
     return "cpu_verified_by_forgekit"
 
 
-def runtime_json(plan: BuildPlan, verification: dict) -> dict:
+def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
     """mtplx_runtime.json: the recipe's runtime block + what forgekit verified, honestly."""
     rt = copy.deepcopy(plan.recipe.runtime)
     rt["exactness_baseline"] = {
@@ -98,16 +98,16 @@ def runtime_json(plan: BuildPlan, verification: dict) -> dict:
     }
     rt["verified_on"] = {"machine": f"{platform.system()} {platform.machine()}", "device": "cpu",
                          "tool": f"forgekit {__version__}", "python": platform.python_version()}
-    rt["provenance"] = {"recipe": plan.recipe.name, "sources": source_summary(plan)}
+    rt["provenance"] = {"recipe": plan.recipe.name, "sources": source_summary(plan, digests)}
     return rt
 
 
-def model_card(plan: BuildPlan, verification: dict) -> str:
+def model_card(plan: BuildPlan, digests: dict, verification: dict) -> str:
     r = plan.recipe
     lines = [f"# {r.name}", "", r.description or "Built with forgekit.", "",
              "MLX model for mlx-lm / MTPLX: body quantized per the recipe, MTP head in "
              f"`{', '.join(plan.sidecar_files) or '-'}` (not indexed).", "", "## Provenance", ""]
-    for s in source_summary(plan):
+    for s in source_summary(plan, digests):
         where = s.get("path") or f"{s['repo']}@{s['revision']} (commit {s['commit']})" + (f" file {s['file']}" if s.get("file") else "")
         lines.append(f"- **{s['role']}**: {where}; stored as {', '.join(x for x in s['stored_as'] if x) or 'n/a'}")
         for name, digest in s["files"].items():

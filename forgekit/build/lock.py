@@ -28,8 +28,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cache import StatMemo, atomic_write_bytes
-from .errors import ForgeError
+from ..errors import ForgeError
+from ..fileio import atomic_write_bytes
+from .outputs import copied_files
+from .store import StatMemo
 
 LOCK_VERSION = 1
 LOCATION_KEYS = ("repo", "path", "file", "revision")
@@ -53,11 +55,9 @@ def _source_files(plan, role: str, source) -> dict[str, Path]:
         name = f.relative_to(root).as_posix() if root is not None and f.is_relative_to(root) else f.name
         files[name] = f
     if role == "body":
-        from . import meta
-
         if root is not None and (root / "config.json").is_file():
             files["config.json"] = root / "config.json"
-        files.update(meta.copied_files(plan))
+        files.update(copied_files(plan))
     return dict(sorted(files.items()))
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import mlx.core as mx
+from ..recipe import QuantParams, Quantization
 
-from .recipe import QuantParams, Quantization
-
-ROW_CHUNK_BYTES = 32 * 2**20
+ROW_CHUNK_BYTES = 32 * 2**20   # default row chunk: a piece of a large tensor holds about this many bytes
 
 
 @dataclass(frozen=True)
@@ -83,12 +81,8 @@ def quantized_shapes(shape: tuple[int, int], p: QuantParams) -> dict[str, tuple[
     return {"weight": (rows, cols * p.bits // 32), "scales": (rows, cols // p.group_size), "biases": (rows, cols // p.group_size)}
 
 
-def row_chunks(shape: tuple[int, ...], itemsize: int) -> list[slice]:
+def row_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int = ROW_CHUNK_BYTES) -> list[slice]:
     """Row slices small enough to bound memory; per-row-group quantization makes them exact."""
     row_bytes = max(1, itemsize * (shape[1] if len(shape) > 1 else 1))
-    step = max(1, ROW_CHUNK_BYTES // row_bytes)
+    step = max(1, chunk_bytes // row_bytes)
     return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
-
-
-def quantize(w: mx.array, p: QuantParams) -> tuple[mx.array, mx.array, mx.array]:
-    return mx.quantize(w, group_size=p.group_size, bits=p.bits, mode=p.mode)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .recipe import RemapRule
+from ..recipe import RemapRule
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Content addressing: xxh3 fingerprints, a stat memo, the object store under cache/,
-the registry of published outputs, and `cache ls` / `cache gc`.
+and the registry of published outputs (`cache ls` / `cache gc` are in gc.py).
 
 - File digests are memoised by (path, size, mtime_ns, ctime_ns, inode): an unchanged
   source is never re-read to decide that nothing changed, and an edited file is re-hashed
@@ -17,82 +17,26 @@ the registry of published outputs, and `cache ls` / `cache gc`.
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import shutil
 import sqlite3
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import xxhash
 
-from .faults import checkpoint
+from .. import settings
+from ..faults import checkpoint
+from ..fileio import atomic_write_json, make_temp, stale_temp
 
 FORMAT_VERSION = 2          # bump when the bytes a shard object holds change for the same plan
 READ_CHUNK = 8 * 2**20
 
 
-@functools.cache
-def file_mode() -> int:
-    """0o666 minus the process umask (read once, on first use: os.umask can only be read by setting it)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 MANIFEST = ".forgekit/manifest.json"   # inside a published output dir
-STALE_TEMP_SECONDS = 24 * 3600         # gc removes temp files older than this even if their pid is alive
 
-
-def make_temp(directory: Path, name: str) -> Path:
-    """A fresh temp file next to its final place, with normal (umask) permissions.
-
-    The name carries the writer's pid (`.<name>.<pid>.<random>.tmp`) so that files left
-    by a killed build can be recognised and removed.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
-    os.fchmod(fd, file_mode())
-    os.close(fd)
-    return Path(tmp)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _temp_owner(path: Path) -> int | None:
-    """pid encoded in a make_temp name, or None."""
-    parts = path.name.split(".")
-    # ['', name..., pid, random, 'tmp']
-    if len(parts) >= 5 and parts[-1] == "tmp" and parts[-3].isdigit():
-        return int(parts[-3])
-    return None
-
-
-def stale_temp(path: Path, now: float | None = None) -> bool:
-    """A temp file whose writer is gone (or which is older than a day)."""
-    pid = _temp_owner(path)
-    if pid == os.getpid():
-        return False
-    try:
-        age = (now or time.time()) - path.stat().st_mtime
-    except OSError:
-        return False
-    if age > STALE_TEMP_SECONDS:
-        return True
-    return pid is not None and not pid_alive(pid)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FORGEKIT_CACHE", "cache")).resolve()
 
 
 def canonical(obj) -> bytes:
@@ -164,7 +108,7 @@ class StatMemo:
               "inode INT, digest TEXT)")
 
     def __init__(self, root: Path | None = None):
-        root = root or cache_root()
+        root = root or settings.cache_root()
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "stat-memo.sqlite3"
 
@@ -228,31 +172,11 @@ class StatMemo:
             db.execute("DELETE FROM memo2 WHERE path=?", (str(Path(path).resolve()),))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = make_temp(path.parent, path.name)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        checkpoint("atomic.tmp-written")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # name the file (e.g. disk full)
-            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
 class ObjectStore:
     """cache/objects/<key[:2]>/<key>.<suffix> plus <key>.json = {digest, size, created, last_used, ...}."""
 
     def __init__(self, root: Path | None = None):
-        self.base = root or cache_root()
+        self.base = root or settings.cache_root()
         self.root = self.base / "objects"
         self.memo = StatMemo(self.base)
 
@@ -383,11 +307,6 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def link_outputs() -> bool:
-    """Whether outputs may share inodes with cache objects (FORGEKIT_COPY_OUTPUTS=1: never)."""
-    return os.environ.get("FORGEKIT_COPY_OUTPUTS", "") in ("", "0")
-
-
 # ---------------------------------------------------------------- outputs registry
 
 
@@ -397,7 +316,7 @@ class OutputRegistry:
     SCHEMA = "CREATE TABLE IF NOT EXISTS outputs (dir TEXT PRIMARY KEY, recipe TEXT, build_key TEXT, published REAL)"
 
     def __init__(self, root: Path | None = None):
-        root = root or cache_root()
+        root = root or settings.cache_root()
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "outputs.sqlite3"
 
@@ -436,110 +355,3 @@ def references(root: Path | None = None) -> dict[str, list[dict]]:
     return refs
 
 
-# ---------------------------------------------------------------- cache ls / gc
-
-
-def cache_ls(root: Path | None = None) -> list[dict]:
-    """One row per cached object, newest use first.
-
-    Keys: key, file (output file name it was built as), recipe (recipe that built it),
-    used_by (recipe names of registered outputs referencing it), size (bytes),
-    created / last_used (unix time), age_days (since last use), referenced (bool),
-    path (the object file).
-    """
-    root = Path(root).resolve() if root else cache_root()
-    store = ObjectStore(root)
-    refs = references(root)
-    now = time.time()
-    rows = []
-    for key, rec in store.entries():
-        path = store.path(key)
-        try:
-            size = path.stat().st_size
-        except OSError:
-            size = None
-        last = rec.get("last_used", rec.get("created", 0.0))
-        rows.append({
-            "key": key, "file": rec.get("file", ""), "recipe": rec.get("recipe", ""),
-            "used_by": sorted({r["recipe"] or "" for r in refs.get(key, [])}),
-            "size": size if size is not None else 0, "created": rec.get("created"), "last_used": last,
-            "age_days": round((now - last) / 86400, 3), "referenced": key in refs,
-            "missing": size is None, "path": str(path),
-        })
-    rows.sort(key=lambda r: -(r["last_used"] or 0))
-    return rows
-
-
-def cache_verify(root: Path | None = None, remove: bool = True) -> list[str]:
-    """Re-hash every object (ignoring the stat memo); return (and by default remove) the bad ones."""
-    root = Path(root).resolve() if root else cache_root()
-    store = ObjectStore(root)
-    bad = []
-    for key, rec in store.entries():
-        path = store.path(key)
-        ok = path.is_file() and path.stat().st_size == rec.get("size") and hash_file(path) == rec.get("digest")
-        if not ok:
-            bad.append(key)
-            if remove:
-                store.remove(key)
-                store.memo.forget(path)
-        else:
-            store.memo.remember(path, rec["digest"])
-    return bad
-
-
-def _age(path: Path, now: float) -> float:
-    """Seconds since the file's inode last changed (a rename counts); 0 if it is gone."""
-    try:
-        return now - path.stat().st_ctime
-    except OSError:
-        return 0.0
-
-
-def cache_gc(root: Path | None = None, older_than_days: float | None = None, keep_unreferenced: bool = False,
-             dry_run: bool = False) -> dict:
-    """Remove cache objects that no build needs.
-
-    An object is *referenced* when the manifest of a registered output directory (one that
-    `doit build` published with this cache and that still exists) lists it. gc removes:
-      - every unreferenced object (unless keep_unreferenced=True), and
-      - with older_than_days=N, also every object last used more than N days ago, even if
-        referenced (the published output keeps its own copy; a later rebuild restores the
-        object from that output when it still matches, or recomputes it);
-      - temp files of interrupted builds (writer process gone, or older than a day),
-        records without an object, and registry entries of outputs that no longer exist.
-    Returns {"removed": [rows as in cache_ls], "freed_bytes", "kept", "temps_removed", "dry_run"}.
-    """
-    root = Path(root).resolve() if root else cache_root()
-    store = ObjectStore(root)
-    registry = OutputRegistry(root)
-    if not dry_run:
-        for out in registry.all():
-            if read_manifest(Path(out["dir"])) is None:
-                registry.remove(Path(out["dir"]))
-    removed, kept, freed = [], 0, 0
-    now = time.time()
-    for row in cache_ls(root):
-        too_old = older_than_days is not None and (now - (row["last_used"] or 0)) / 86400 > older_than_days
-        unreferenced = not row["referenced"] and not keep_unreferenced
-        if too_old or unreferenced or row["missing"]:
-            removed.append(row)
-            freed += row["size"]
-            if not dry_run:
-                store.remove(row["key"])
-                store.memo.forget(Path(row["path"]))
-        else:
-            kept += 1
-    temps = [p for p in store.temps() if stale_temp(p)]
-    # Objects without a record: a build killed between rename and record (never served: valid()
-    # needs the record). Only ones renamed over a minute ago, so a build committing now keeps its own.
-    temps += [p for p in store.root.glob("*/*.safetensors")
-              if not store.record_path(p.name.split(".")[0]).is_file() and _age(p, now) > 60]
-    for p in temps:
-        try:
-            freed += p.stat().st_size
-            if not dry_run:
-                p.unlink()
-        except OSError:
-            pass
-    return {"removed": removed, "freed_bytes": freed, "kept": kept, "temps_removed": len(temps), "dry_run": dry_run}

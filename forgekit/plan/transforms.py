@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import mlx.core as mx
+from ..recipe import TRANSFORM_NAMES
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Transform:
     name: str
     doc: str
     shape: Callable[[tuple[int, ...]], tuple[int, ...]]
-    apply: Callable[[mx.array], mx.array]
+    apply: Callable  # mlx array -> mlx array
     check: Callable[[tuple[int, ...]], str | None] = lambda shape: None
 
 
@@ -26,6 +26,12 @@ def _conv_check(shape):
     if len(shape) != 3 or shape[1] != 1:
         return f"conv1d_layout expects an HF conv1d weight [C, 1, K], got {list(shape)}"
     return None
+
+
+def _contiguous(a):
+    import mlx.core as mx
+
+    return mx.contiguous(a)
 
 
 def _norm_check(shape):
@@ -53,10 +59,11 @@ TRANSFORMS: dict[str, Transform] = {
             "conv1d_layout",
             "HF depthwise conv1d weight [C, 1, K] -> MLX [C, K, 1]",
             shape=lambda s: (s[0], s[2], s[1]),
-            apply=lambda w: mx.contiguous(w.moveaxis(2, 1)),
+            apply=lambda w: _contiguous(w.moveaxis(2, 1)),
             check=_conv_check,
         ),
     )
 }
 
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+if tuple(TRANSFORMS) != TRANSFORM_NAMES:  # the schema's table and this registry must name the same transforms
+    raise ImportError(f"forgekit.recipe.TRANSFORM_NAMES {TRANSFORM_NAMES} != registry {tuple(TRANSFORMS)}")

@@ -1,5 +1,5 @@
-"""`forgekit inspect` and the reports behind `forgekit plan`: pure functions returning
-plain dicts (the CLI prints them as tables or JSON).
+"""`forgekit inspect`: a pure function returning a plain dict (the CLI prints it as a
+table or JSON).
 
 inspect: a safetensors file or model directory, a GGUF file, or an HF repo id found in
 huggingface_hub's local cache (never downloads). Lists tensors (name, shape, dtype or
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SourceError
-from .sources.base import TensorSource
-from .sources.gguf_file import GGUFSource
-from .sources.safetensors_dir import SafetensorsSource, weight_files
+from ..errors import SourceError
+from .base import TensorSource
+from .gguf_file import GGUFSource
+from .safetensors_dir import SafetensorsSource, weight_files
 
 REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # MTPLX's head detector (REFERENCE §2): zero-centred iff max(mean q/k norm) < 1.25 and
@@ -102,7 +102,7 @@ def mtp_summary(source: TensorSource) -> dict:
         except SourceError as exc:
             return {"declared": False, "note": str(exc).split(": ", 1)[-1]}
         names = [k for k in source.keys() if k.startswith(f"blk.{block}.")]
-        names += [k for k in getattr(source, "unread", []) if k.startswith(f"blk.{block}.")]
+        names += [k for k in source.unread if k.startswith(f"blk.{block}.")]
         types = sorted({source.tensors[k].stored_as for k in names if k in source.tensors})
         out = {"declared": True, "block": block, "tensors": len(names), "stored_as": types}
         if not names:
@@ -110,7 +110,7 @@ def mtp_summary(source: TensorSource) -> dict:
         elif any(t not in ("BF16", "F16", "F32") for t in types):
             out["note"] = "head stored quantized: a head built from it is dequantized, not original precision"
         return out
-    names = [k for k in source.keys() + list(getattr(source, "unread", [])) if k.startswith("mtp.")]
+    names = [k for k in source.keys() + list(source.unread) if k.startswith("mtp.")]
     cfg = (source.config or {}).get("text_config", source.config or {})
     out = {"declared": bool(cfg.get("mtp_num_hidden_layers")), "tensors": len(names),
            "mtp_num_hidden_layers": cfg.get("mtp_num_hidden_layers")}
@@ -171,7 +171,7 @@ def inspect(ref: str, revision: str | None = None, file: str | None = None, norm
     out = {"source": where, "format": fmt, "files": [str(f) for f in source.files],
            "tensor_count": len(tensors), "total_bytes": sum(t["bytes"] for t in tensors),
            "metadata": {k: _short_value(v) for k, v in source.metadata.items()} if fmt == "gguf" else _config_summary(source),
-           "mtp": mtp_summary(source), "tensors": tensors, "unread": list(getattr(source, "unread", []))}
+           "mtp": mtp_summary(source), "tensors": tensors, "unread": list(source.unread)}
     if norms:
         out["norms"] = norm_report(source)
     if stats:
@@ -202,62 +202,3 @@ def _config_summary(source: TensorSource) -> dict:
     out.update({f"text_config.{k}" if "text_config" in cfg else k: text.get(k) for k in keys[1:] if k in text})
     out["vision_config"] = "present" if "vision_config" in cfg else "absent"
     return {k: v for k, v in out.items() if v is not None}
-
-
-# ---------------------------------------------------------------- plan report
-
-
-def plan_warnings(plan) -> list[str]:
-    """The plan's own warnings plus rules that matched nothing (optional ones; others are errors)."""
-    from .plan import _placeholders
-    from .remap import Table
-
-    recipe = plan.recipe
-    warnings = list(plan.warnings)
-    for role, source in plan.sources.items():
-        name = recipe.table_for(role)
-        rules = recipe.remap[name]
-        table = Table(rules, _placeholders(source))
-        used = set()
-        for key in source.keys() + list(getattr(source, "unread", [])):
-            hit = table.first_match(key)
-            if hit:
-                used.add(hit[0].name)
-        for i, rule in enumerate(rules):
-            if rule.name not in used:
-                warnings.append(f"remap.{name}[{i}] rule '{rule.name}' (optional) matches no tensor of source '{role}'")
-    quant_used = {t.quant_rule for t in plan.tensors}
-    for i, rule in enumerate(recipe.quantization.rules):
-        if rule.name not in quant_used:
-            warnings.append(f"quantization.rules[{i}] rule '{rule.name}' (optional) matches no output module")
-    return warnings
-
-
-def plan_report(plan) -> dict:
-    from .plan import describe
-
-    rows = describe(plan)
-    files = {}
-    for name, entries in plan.files.items():
-        files[name] = {"tensors": len(entries), "bytes": sum(t.nbytes() for t in entries),
-                       "indexed": name in plan.indexed_files, "quantized": sum(1 for t in entries if t.quant)}
-    dropped = {}
-    for role, keys in plan.dropped.items():
-        counts: dict[str, int] = {}
-        for rule in keys.values():
-            counts[rule] = counts.get(rule, 0) + 1
-        dropped[role] = counts
-    sources = []
-    for prov in plan.provenance:
-        src = plan.sources[prov["role"]]
-        entry = dict(prov)
-        entry["tensors"] = len(src.keys()) + len(getattr(src, "unread", []))
-        entry["mapped"] = sum(1 for t in plan.tensors if t.role == prov["role"])
-        entry["dropped"] = len(plan.dropped.get(prov["role"], {}))
-        if getattr(src, "remote", None):
-            entry["remote"] = {**entry.get("remote", {}), **src.remote}
-        sources.append(entry)
-    return {"recipe": plan.recipe.name, "recipe_file": plan.recipe.recipe_file,
-            "recipe_chain": list(plan.recipe.recipe_files), "output_dir": str(plan.recipe.output_dir()),
-            "sources": sources, "files": files, "total_bytes": sum(f["bytes"] for f in files.values()),
-            "tensor_count": len(rows), "dropped": dropped, "tensors": rows, "warnings": plan_warnings(plan)}

@@ -11,15 +11,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PlanError
+from ..dtypes import itemsize
+from ..errors import PlanError
+from ..recipe import QuantParams, Recipe, recipe_line
+from ..sources import TensorSource, open_source
 from .quant import QuantDecision, QuantRules, config_entries, quantized_shapes
-from .recipe import QuantParams, Recipe, recipe_line
+from .layout import assign_files
 from .remap import Table
-from .sources import TensorSource, open_source
-from .sources.gguf_file import GGUFSource
 from .transforms import TRANSFORMS
-
-ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint32": 4, "float64": 8, "int64": 8, "int32": 4}
 
 
 @dataclass(frozen=True)
@@ -51,15 +50,18 @@ class TensorPlan:
     def nbytes(self) -> int:
         total = 0
         for _, dtype, shape in self.outputs():
-            n = ITEMSIZE[dtype]
+            n = itemsize(dtype)
             for d in shape:
                 n *= d
             total += n
         return total
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildPlan:
+    """Everything a build will do, from headers alone. Never changed after make_plan returns:
+    the keys that depend on source bytes are computed separately (build.keys.BuildKeys)."""
+
     recipe: Recipe
     tensors: list[TensorPlan]
     files: dict[str, list[TensorPlan]]        # output file -> entries, in order
@@ -70,10 +72,6 @@ class BuildPlan:
     provenance: list[dict]
     warnings: list[str] = field(default_factory=list)
     sources: dict[str, TensorSource] = field(default_factory=dict, repr=False)
-    # Filled by tasks.fingerprint: source file digests, per-file action keys, the build key.
-    digests: dict[str, dict[str, str]] = field(default_factory=dict)
-    file_keys: dict[str, str] = field(default_factory=dict)
-    build_key: str = ""
 
     @property
     def body(self) -> TensorSource:
@@ -82,12 +80,6 @@ class BuildPlan:
 
 def natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _placeholders(source: TensorSource) -> dict[str, str]:
-    if isinstance(source, GGUFSource):
-        return {"mtp_block": str(source.mtp_block())}
-    return {}
 
 
 def check_output_location(recipe: Recipe) -> None:
@@ -127,8 +119,8 @@ def open_sources(recipe: Recipe) -> tuple[dict[str, TensorSource], list[dict]]:
 
 def _map_source(recipe: Recipe, role: str, source: TensorSource, default_dtype: str):
     table_name = recipe.table_for(role)
-    table = Table(recipe.remap[table_name], _placeholders(source))
-    result = table.apply(source.keys() + list(getattr(source, "unread", [])))
+    table = Table(recipe.remap[table_name], source.placeholders())
+    result = table.apply(source.keys() + list(source.unread))
     where = source.files[0] if len(source.files) == 1 else source.root
     if result.unmatched_keys:
         shown = ", ".join(result.unmatched_keys[:5])
@@ -198,7 +190,7 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
         raise PlanError(f"{recipe_line(recipe, 'quantization', 'rules', idx)}: quantization.rules[{idx}] "
                         f"rule '{unused[0]}' matched no output module; fix the pattern or mark it optional: true")
     tensors.sort(key=lambda t: natural_key(t.key))
-    files, indexed, sidecars = _layout(recipe, tensors)
+    files, indexed, sidecars = assign_files(recipe, tensors)
     tensors = [t for f in files.values() for t in f]
     trunk_decisions = {t.key: QuantDecision(t.quant, t.quant_rule) for f in indexed for t in files[f]}
     return BuildPlan(
@@ -206,80 +198,3 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
         dropped=dropped, quant_config=config_entries(recipe.quantization.default, trunk_decisions),
         provenance=provenance or [], warnings=warnings, sources=sources,
     )
-
-
-_LAYER = re.compile(r".*?\.layers\.\d+\.")
-
-
-def layout_group(key: str) -> str:
-    """Tensors that always share a shard: one decoder layer (`...layers.N.*`), else the tensor alone."""
-    m = _LAYER.match(key)
-    return m.group(0) if m else key
-
-
-def bound_bytes(t: TensorPlan) -> int:
-    """Size of `t` stored unquantized: an upper bound of its stored size under any quantization
-    (a quantized matrix, scales and biases included, is never larger than the float one)."""
-    n = ITEMSIZE[t.dtype]
-    for d in t.shape:
-        n *= d
-    return n
-
-
-def _layout(recipe: Recipe, tensors: list[TensorPlan]):
-    """Assign files: sidecars by rule, the rest to model shards of at most max_shard_bytes.
-
-    Stable shard boundaries (forgekit/README "Performance"): whole layer groups are packed
-    in order by `bound_bytes`, which depends on names, shapes and float dtypes only, never
-    on quantization. So changing a quantization rule changes the bytes of exactly the shards
-    holding the tensors it matches and moves no tensor to another shard; a layer is split
-    only if it alone exceeds the budget. Shards never exceed max_shard_bytes, except a single
-    tensor larger than the budget, which gets a shard of its own (as in mlx-lm); quantized to
-    4 bits shards come out at about a third of the budget.
-    """
-    from dataclasses import replace
-
-    sidecar_patterns = [(re.compile(s.match), s.file) for s in recipe.output.sidecars]
-    sidecar: dict[str, list[TensorPlan]] = {}
-    groups: dict[str, list[TensorPlan]] = {}
-    for t in tensors:
-        target = next((f for p, f in sidecar_patterns if p.fullmatch(t.key)), None)
-        if target:
-            sidecar.setdefault(target, []).append(t)
-        else:
-            groups.setdefault(layout_group(t.key), []).append(t)
-    budget = recipe.output.max_shard_bytes
-    units: list[list[TensorPlan]] = []
-    for group in groups.values():
-        if sum(bound_bytes(t) for t in group) <= budget:
-            units.append(group)
-        else:
-            units.extend([t] for t in group)
-    shards: list[list[TensorPlan]] = []
-    size = 0
-    for unit in units:
-        unit_size = sum(bound_bytes(t) for t in unit)
-        if not shards or (shards[-1] and size + unit_size > budget):
-            shards.append([])
-            size = 0
-        shards[-1].extend(unit)
-        size += unit_size
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    files: dict[str, list[TensorPlan]] = {}
-    for name, entries in zip(names, shards):
-        files[name] = [replace(t, file=name) for t in entries]
-    for name, entries in sidecar.items():
-        files[name] = [replace(t, file=name) for t in entries]
-    return files, names, list(sidecar)
-
-
-def describe(plan: BuildPlan) -> list[dict]:
-    """One row per output tensor, for `forgekit plan` and the model card."""
-    rows = []
-    for t in plan.tensors:
-        q = f"{t.quant.bits}-bit g{t.quant.group_size} {t.quant.mode}" if t.quant else t.dtype
-        rows.append({"output": t.key, "file": t.file, "source": f"{t.role}:{t.source_key}",
-                     "stored_as": t.stored_as, "transforms": list(t.transforms), "quant": q,
-                     "quant_rule": t.quant_rule, "bytes": t.nbytes(), "shape": list(t.shape)})
-    return rows

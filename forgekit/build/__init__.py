@@ -1,0 +1,1 @@
+"""Building: keys, the compute path, shards, the object store, staging, publishing, gc."""

@@ -1,0 +1,227 @@
+"""doit glue: DOIT_CONFIG (xxh3 file checker, sqlite state under the cache), the task dicts of
+one recipe, and the one per-process cache of plans, keys and workers the actions share.
+
+Graph for one recipe:
+    shard:<file>    one per output safetensors file -> a cache object keyed by its action key
+    stage           link/copy objects + meta files into <out>.staging
+    verify:<i>:<step>  one per recipe verify step, run on the staging dir
+    publish         report, mtplx_runtime.json, model card, manifest; swap staging into <out>
+
+Up-to-date rules (doit `uptodate`, no timestamps involved):
+    shard:<file>    its cache object exists and still hashes to its record, and doit's state
+                    (one sqlite file per output dir) holds the same action key
+    stage/verify/publish
+                    <out> holds a published build with this build key whose files still
+                    have their recorded digests, and doit's state holds the same build key
+So a no-op build reads no tensor bytes, and `doit forget` makes doit run the tasks again
+(a shard whose object is still valid is then served from the cache, not recomputed).
+Actions are module-level functions taking plain arguments (picklable, so `doit -n 2 -P
+process` works too; worker processes re-plan: planning is pure).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from doit.dependency import FileChangedChecker
+from doit.exceptions import TaskFailed
+from doit.tools import config_changed
+
+from . import settings
+from .build import publish as publishing
+from .build import stage as staging
+from .build.keys import BuildKeys, build_keys
+from .build.output_lock import hold_build_lock
+from .build.pool import WorkerPool
+from .build.shard import build_into_store, restore_from_output
+from .build.store import ObjectStore, StatMemo
+from .errors import ForgeError
+from .faults import checkpoint
+from .fileio import DISK_ERRORS, disk_error
+from .plan import BuildPlan, make_plan
+from .recipe import load_recipe
+from .verify.load import BodyCache
+
+
+class XXH3Checker(FileChangedChecker):
+    """doit file_dep checker: unchanged (mtime, size) means unchanged; otherwise xxh3 decides."""
+
+    def check_modified(self, file_path, file_stat, state):
+        mtime, size, digest = state
+        if (file_stat.st_mtime_ns, file_stat.st_size) == (mtime, size):
+            return False
+        return file_stat.st_size != size or StatMemo().digest(file_path) != digest
+
+    def get_state(self, dep, current_state):
+        st = os.stat(dep)
+        if current_state and tuple(current_state[:2]) == (st.st_mtime_ns, st.st_size):
+            return None
+        return (st.st_mtime_ns, st.st_size, StatMemo().digest(dep))
+
+
+@dataclass
+class Session:
+    """What the actions of one doit process share: each recipe planned and keyed once, the
+    helper processes, and the last loaded model (verify steps of one build load it once)."""
+
+    plans: dict[str, tuple[BuildPlan, BuildKeys]] = field(default_factory=dict)
+    pool: WorkerPool = field(default_factory=WorkerPool)
+    bodies: BodyCache = field(default_factory=BodyCache)
+
+    def planned(self, recipe_ref: str) -> tuple[BuildPlan, BuildKeys]:
+        if recipe_ref not in self.plans:
+            plan = make_plan(load_recipe(recipe_ref))
+            self.plans[recipe_ref] = (plan, build_keys(plan, self.pool))
+        return self.plans[recipe_ref]
+
+
+_SESSION = Session()   # the one plan cache of this process
+
+
+def planned(recipe_ref: str) -> tuple[BuildPlan, BuildKeys]:
+    """(plan, keys) of a recipe, planned and hashed once per process."""
+    return _SESSION.planned(recipe_ref)
+
+
+# ---------------------------------------------------------------- config
+
+
+def state_file(recipe_ref: str) -> Path:
+    """doit's state for one output dir: cache/state/<dir name>-<xxh3 of its path>.sqlite3.
+
+    One state file per output keeps task names short (`build:shard:model.safetensors`)
+    while recipes sharing a cache never overwrite each other's recorded keys.
+    """
+    import xxhash
+
+    out = load_recipe(recipe_ref).output_dir().resolve()
+    return settings.cache_root() / "state" / f"{out.name}-{xxhash.xxh3_64_hexdigest(str(out).encode())}.sqlite3"
+
+
+def doit_config(recipe_ref: str) -> dict:
+    """DOIT_CONFIG for `recipe=...` (a recipe error is one line on stderr and exit code 2)."""
+    try:
+        path = state_file(recipe_ref)
+    except ForgeError as exc:
+        print(f"forgekit: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return {"default_tasks": ["build"], "backend": "sqlite3", "dep_file": str(path),
+            "check_file_uptodate": XXH3Checker, "verbosity": 2}
+
+
+# ---------------------------------------------------------------- actions
+
+
+def _fail_cleanly(fn):
+    """A ForgeError (or a full disk) in an action becomes a one-line doit failure, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ForgeError as exc:
+            return TaskFailed(str(exc))
+        except OSError as exc:
+            if exc.errno not in DISK_ERRORS:
+                raise
+            return TaskFailed(str(disk_error(exc, f"the output of task {fn.__name__}")))
+
+    return wrapper
+
+
+@_fail_cleanly
+def build_object(recipe_ref: str, file: str) -> None:
+    checkpoint("shard.begin")
+    plan, keys = planned(recipe_ref)
+    key = keys.file_keys[file]
+    store = ObjectStore()
+    if store.valid(key):
+        store.touch(key)
+        print(f"  cached {file} (object {key[:12]})", flush=True)
+        return
+    if restore_from_output(plan, keys, file, store):
+        print(f"  restored {file} into the cache from {plan.recipe.output_dir()}", flush=True)
+        return
+    build_into_store(plan, keys, file, store, _SESSION.pool)
+
+
+def object_ready(recipe_ref: str, file: str) -> bool:
+    return ObjectStore().valid(planned(recipe_ref)[1].file_keys[file])
+
+
+@_fail_cleanly
+def stage(recipe_ref: str) -> None:
+    staging.stage(*planned(recipe_ref), _SESSION.pool)
+
+
+@_fail_cleanly
+def verify_step(recipe_ref: str, index: int) -> None:
+    plan, keys = planned(recipe_ref)
+    staging.ensure_staged(plan, keys, _SESSION.pool)
+    publishing.run_verify(plan, index, _SESSION.bodies)
+
+
+@_fail_cleanly
+def publish(recipe_ref: str) -> None:
+    publishing.publish(*planned(recipe_ref), _SESSION.pool, _SESSION.bodies)
+
+
+def published(recipe_ref: str) -> bool:
+    return publishing.published(*planned(recipe_ref))
+
+
+def clean_output(recipe_ref: str) -> None:
+    publishing.clean_output(planned(recipe_ref)[0])
+
+
+# ---------------------------------------------------------------- task dicts
+
+
+def build_tasks(recipe_ref: str):
+    """doit task dicts (sub-tasks of `build`) for one recipe."""
+    plan, keys = planned(recipe_ref)
+    shard_tasks = []
+    for file, entries in plan.files.items():
+        name = f"shard:{file}"
+        shard_tasks.append(f"build:{name}")
+        key = keys.file_keys[file]
+        yield {"name": name, "actions": [(build_object, [recipe_ref, file])],
+               "file_dep": sorted({t.source_file for t in entries}),
+               "uptodate": [(object_ready, [recipe_ref, file]), config_changed(key)], "verbosity": 2,
+               "doc": f"build {file} into the object cache (key {key[:12]})"}
+
+    def done():
+        return [(published, [recipe_ref]), config_changed(keys.build_key)]
+
+    yield {"name": "stage", "actions": [(stage, [recipe_ref])], "task_dep": shard_tasks,
+           "uptodate": done(), "verbosity": 2, "doc": "assemble the output in a staging dir"}
+    verify_tasks = []
+    for i, step in enumerate(plan.recipe.verify):
+        name = f"verify:{i}:{step.step}"
+        verify_tasks.append(f"build:{name}")
+        yield {"name": name, "actions": [(verify_step, [recipe_ref, i])], "task_dep": ["build:stage"],
+               "uptodate": done(), "verbosity": 2, "doc": f"verification step {step.step}"}
+    yield {"name": "publish", "actions": [(publish, [recipe_ref])],
+           "task_dep": ["build:stage"] + verify_tasks, "uptodate": done(), "verbosity": 2,
+           "doc": "write report + runtime file, then swap the staging dir into place",
+           "clean": [(clean_output, [recipe_ref])]}
+
+
+def recipe_tasks(recipe_ref: str, locked: bool = False):
+    """The build's tasks, after taking the output's build lock; user mistakes are one line, exit 2."""
+    try:
+        hold_build_lock(load_recipe(recipe_ref).output_dir())
+        tasks = list(build_tasks(recipe_ref))
+        if locked:  # sources must be exactly those <output>.lock.json records (build/lock.py)
+            from .build.lock import check_lock
+
+            check_lock(planned(recipe_ref)[0])
+    except ForgeError as exc:
+        print(f"forgekit: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    yield from tasks

@@ -1,0 +1,101 @@
+"""Low-level file writing shared by every room: temp files named by their writer's pid,
+atomic replace, and telling a dead writer's leftovers from a live one's."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import ForgeError
+from .faults import checkpoint
+
+STALE_TEMP_SECONDS = 24 * 3600         # temp files older than this are stale even if their pid is alive
+
+
+@functools.cache
+def file_mode() -> int:
+    """0o666 minus the process umask (read once, on first use: os.umask can only be read by setting it)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def make_temp(directory: Path, name: str) -> Path:
+    """A fresh temp file next to its final place, with normal (umask) permissions.
+
+    The name carries the writer's pid (`.<name>.<pid>.<random>.tmp`) so that files left
+    by a killed build can be recognised and removed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())
+    os.close(fd)
+    return Path(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_owner(path: Path) -> int | None:
+    """pid encoded in a make_temp name, or None."""
+    parts = path.name.split(".")
+    # ['', name..., pid, random, 'tmp']
+    if len(parts) >= 5 and parts[-1] == "tmp" and parts[-3].isdigit():
+        return int(parts[-3])
+    return None
+
+
+def stale_temp(path: Path, now: float | None = None) -> bool:
+    """A temp file whose writer is gone (or which is older than a day)."""
+    pid = _temp_owner(path)
+    if pid == os.getpid():
+        return False
+    try:
+        age = (now or time.time()) - path.stat().st_mtime
+    except OSError:
+        return False
+    if age > STALE_TEMP_SECONDS:
+        return True
+    return pid is not None and not pid_alive(pid)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = make_temp(path.parent, path.name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        checkpoint("atomic.tmp-written")
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # name the file (e.g. disk full)
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+# A full disk / quota / file size limit / read-only file system: the user's to fix, so one line.
+DISK_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def disk_error(exc: OSError, what: str) -> ForgeError:
+    """The one-line error for a disk error (DISK_ERRORS) met while writing `what`."""
+    where = exc.filename if exc.filename else what
+    return ForgeError(f"cannot write {where}: {os.strerror(exc.errno)}")

@@ -1,0 +1,90 @@
+"""Every FORGEKIT_* environment variable, read here and nowhere else.
+
+Each knob is read when it is asked for (so a test or a shell may change it between two
+calls) and validated: a bad value is one ForgeError line naming the variable, never a
+traceback. Knobs that exist only so the test suite can drive corner cases are named
+FORGEKIT_TEST_*; users never need them.
+
+    FORGEKIT_CACHE                  cache root (default ./cache)
+    FORGEKIT_JOBS                   processes working on a shard, parent included (default: cores, at most 8)
+    FORGEKIT_LOCK_WAIT              seconds to wait for another build of the same output (default: forever)
+    FORGEKIT_COPY_OUTPUTS           1: outputs never share inodes with cache objects (default 0)
+    FORGEKIT_TEST_POOL_MIN_BYTES    shards with less work run in the parent alone (default 256 MiB)
+    FORGEKIT_TEST_JOB_BYTES         source bytes batched into one job (default 32 MiB)
+    FORGEKIT_TEST_HASH_IN_POOL_BYTES  new sources totalling more are hashed on the pool (default 1 GiB)
+    FORGEKIT_TEST_PIECE_DELAY       seconds to sleep before each piece (interrupt a build on purpose)
+    FORGEKIT_TEST_FAULT             <point>[:<n>[:<action>]]: crash at a checkpoint (forgekit/faults.py)
+    FORGEKIT_TEST_FAULT_LOG         file the fault injector appends a line to before it acts
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import ForgeError
+
+def _raw(name: str) -> str:
+    return os.environ.get(name, "")
+
+
+def _number(name: str, default, kind=int, minimum=0):
+    raw = _raw(name)
+    if raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ForgeError(f"environment variable {name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ForgeError(f"environment variable {name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _flag(name: str) -> bool:
+    raw = _raw(name)
+    if raw not in ("", "0", "1"):
+        raise ForgeError(f"environment variable {name} must be 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
+def cache_root() -> Path:
+    """The cache directory (not created here: whoever writes into it creates it)."""
+    return Path(_raw("FORGEKIT_CACHE") or "cache").resolve()
+
+
+def jobs() -> int | None:
+    """FORGEKIT_JOBS, or None for the default (usable cores)."""
+    return _number("FORGEKIT_JOBS", None, minimum=1)
+
+
+def lock_wait() -> float | None:
+    return _number("FORGEKIT_LOCK_WAIT", None, float)
+
+
+def copy_outputs() -> bool:
+    return _flag("FORGEKIT_COPY_OUTPUTS")
+
+
+def pool_min_bytes() -> int:
+    return _number("FORGEKIT_TEST_POOL_MIN_BYTES", 256 * 2**20)
+
+
+def job_bytes() -> int:
+    return _number("FORGEKIT_TEST_JOB_BYTES", 32 * 2**20)
+
+
+def hash_in_pool_bytes() -> int:
+    return _number("FORGEKIT_TEST_HASH_IN_POOL_BYTES", 2**30)
+
+
+def piece_delay() -> float:
+    return _number("FORGEKIT_TEST_PIECE_DELAY", 0.0, float)
+
+
+def fault() -> str:
+    return _raw("FORGEKIT_TEST_FAULT")
+
+
+def fault_log() -> str:
+    return _raw("FORGEKIT_TEST_FAULT_LOG")
