@@ -329,6 +329,8 @@ def cmd_cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, one add_argument per option (long on purpose: it is a table,
+    and splitting it would scatter the CLI's surface over several functions)."""
     p = argparse.ArgumentParser(prog="forgekit", description="Declarative builds of MTPLX-ready MLX models. "
                                 "Build with `doit build recipe=NAME [locked=1]`.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

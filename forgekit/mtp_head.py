@@ -1,6 +1,6 @@
 """The Qwen3.5 multi-token-prediction head as an MLX module tree.
 
-Parameter names match the 15 ``mtp.*`` keys MTPLX loads (REFERENCE §1), so
+Parameter names match the 15 ``mtp.*`` keys MTPLX loads, so
 ``MTPHeadModel.load_weights(list(mtp_tensors.items()), strict=True)`` proves a
 head file has exactly the right keys and shapes. The layer is mlx-lm's own
 ``qwen3_5.DecoderLayer`` in its full-attention variant.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import settings
 from ..fileio import stale_temp
-from .store import ObjectStore, OutputRegistry, hash_file, references
+from .store import ObjectStore, OutputRegistry, hash_file, read_manifest, references
 
 
 def cache_ls(root: Path | None = None) -> list[dict]:

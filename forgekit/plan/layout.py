@@ -5,8 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
+from typing import TYPE_CHECKING
+
 from ..dtypes import itemsize
 from ..recipe import Recipe
+
+if TYPE_CHECKING:
+    from .plan import TensorPlan
 
 
 _LAYER = re.compile(r".*?\.layers\.\d+\.")
@@ -18,7 +23,7 @@ def layout_group(key: str) -> str:
     return m.group(0) if m else key
 
 
-def bound_bytes(t) -> int:
+def bound_bytes(t: TensorPlan) -> int:
     """Size of `t` stored unquantized: an upper bound of its stored size under any quantization
     (a quantized matrix, scales and biases included, is never larger than the float one)."""
     n = itemsize(t.dtype)
@@ -27,7 +32,7 @@ def bound_bytes(t) -> int:
     return n
 
 
-def assign_files(recipe: Recipe, tensors: list):
+def assign_files(recipe: Recipe, tensors: list[TensorPlan]):
     """Assign files: sidecars by rule, the rest to model shards of at most max_shard_bytes.
 
     Stable shard boundaries (forgekit/README "Performance"): whole layer groups are packed

@@ -20,7 +20,7 @@ from .gguf_file import GGUFSource
 from .safetensors_dir import SafetensorsSource, weight_files
 
 REPO_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# MTPLX's head detector (REFERENCE §2): zero-centred iff max(mean q/k norm) < 1.25 and
+# MTPLX's head detector: zero-centred iff max(mean q/k norm) < 1.25 and
 # min(mean input/post/pre_fc norm) < 0.5.
 QK_LIMIT, OTHER_LIMIT = 1.25, 0.5
 

@@ -1,4 +1,4 @@
-"""norms: the RMSNorm convention checks of REFERENCE §2.
+"""norms: the RMSNorm convention checks (HF zero-centred gains vs MLX/GGUF absolute gains).
 
 MLX wants absolute gains. HF Qwen3.5 stores decoder and MTP norms zero-centred
 (x * (1 + w)), llama.cpp GGUFs store them +1 (absolute); `linear_attn.norm` is
