@@ -213,15 +213,18 @@ def write_body(out: Path, preset: str, layers: int, names: dict[str, str], token
     return body
 
 
-HEAD = {  # GGUF name (after blk.N.) -> mtp.* name
-    "nextn.eh_proj": "fc", "nextn.enorm": "pre_fc_norm_embedding", "nextn.hnorm": "pre_fc_norm_hidden",
-    "nextn.shared_head_norm": "norm", "attn_norm": "layers.0.input_layernorm",
-    "post_attention_norm": "layers.0.post_attention_layernorm", "attn_q": "layers.0.self_attn.q_proj",
-    "attn_k": "layers.0.self_attn.k_proj", "attn_v": "layers.0.self_attn.v_proj",
-    "attn_output": "layers.0.self_attn.o_proj", "attn_q_norm": "layers.0.self_attn.q_norm",
-    "attn_k_norm": "layers.0.self_attn.k_norm", "ffn_gate": "layers.0.mlp.gate_proj",
-    "ffn_up": "layers.0.mlp.up_proj", "ffn_down": "layers.0.mlp.down_proj",
-}
+def head_table() -> dict[str, str]:
+    """GGUF name (after blk.N.) -> mtp.* name, read from the base recipe's `mtp` remap table
+    (the recipe is where this table lives; the benchmark writes the GGUF it maps)."""
+    from forgekit.recipe import load_recipe
+
+    table = {}
+    for rule in load_recipe("qwen3.5-dense-mtp").remap["mtp"]:
+        if rule.drop:
+            continue
+        gguf_name = rule.match.removeprefix(r"blk\.{mtp_block}\.").removesuffix(r"\.weight").replace("\\.", ".")
+        table[gguf_name] = rule.to.removeprefix("mtp.").removesuffix(".weight")
+    return table
 
 
 def head_shapes(preset: str) -> dict[str, tuple[int, ...]]:
@@ -263,7 +266,7 @@ def write_head_gguf(path: Path, preset: str, layers: int, seed: int) -> None:
     w.add_file_type(32)
     w.add_quantization_version(2)
     specs = []
-    for gname, mname in HEAD.items():
+    for gname, mname in head_table().items():
         shape = shapes[mname]
         n = int(np.prod(shape))
         if len(shape) == 1:

@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from . import settings
+
+        settings.check_all()
         return args.func(args) or 0
     except ForgeError as exc:
         print(f"forgekit: {exc}", file=sys.stderr)

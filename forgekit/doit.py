@@ -105,6 +105,7 @@ def state_file(recipe_ref: str) -> Path:
 def doit_config(recipe_ref: str) -> dict:
     """DOIT_CONFIG for `recipe=...` (a recipe error is one line on stderr and exit code 2)."""
     try:
+        settings.check_all()
         path = state_file(recipe_ref)
     except ForgeError as exc:
         print(f"forgekit: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ import os
 import signal
 
 from . import settings
+from .errors import ForgeError
 
 # Every checkpoint in the code, with where it sits (tests/test_faults.py kills at each).
 POINTS = {
@@ -67,7 +68,7 @@ def _parse(value: str) -> tuple[str | None, int, str]:
     nth = int(parts[1]) if len(parts) > 1 and parts[1] else 1
     action = parts[2] if len(parts) > 2 and parts[2] else "kill"
     if action not in ("kill", "tree", "enospc"):
-        raise ValueError(f"FORGEKIT_TEST_FAULT={value!r}: unknown action {action!r} (kill, tree or enospc)")
+        raise ForgeError(f"FORGEKIT_TEST_FAULT={value!r}: unknown action {action!r} (kill, tree or enospc)")
     return point, nth, action
 
 

@@ -88,3 +88,10 @@ def fault() -> str:
 
 def fault_log() -> str:
     return _raw("FORGEKIT_TEST_FAULT_LOG")
+
+
+def check_all() -> None:
+    """Read every knob once, so a bad value is reported before any work starts."""
+    for read in (cache_root, jobs, lock_wait, copy_outputs, pool_min_bytes, job_bytes, hash_in_pool_bytes,
+                 piece_delay):
+        read()

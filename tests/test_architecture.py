@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DEMO_RECIPE, ROOT, ran_tasks, write_recipe
+from conftest import DEMO_RECIPE, ROOT, ran_tasks, run_doit, write_recipe
 
 PACKAGE = ROOT / "forgekit"
 
@@ -118,6 +118,17 @@ def test_environment_is_read_only_in_settings():
                     {a.name for a in node.names} & {"environ", "getenv", "environb"}:
                 readers.append(f"{name}:{node.lineno}")
     assert readers == []
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(tmp_path):
+    recipe = write_recipe(tmp_path, f"extends: {DEMO_RECIPE}\nname: b\noutput: {{dir: {tmp_path / 'out'}}}\n")
+    for name, value, words in (("FORGEKIT_JOBS", "many", "must be a number, got 'many'"),
+                               ("FORGEKIT_JOBS", "0", "must be at least 1, got '0'"),
+                               ("FORGEKIT_COPY_OUTPUTS", "yes", "must be 0 or 1, got 'yes'")):
+        proc = run_doit(recipe, tmp_path, env={name: value})
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr == f"forgekit: environment variable {name} {words}\n"
+        assert not (tmp_path / "out").exists()
 
 
 def test_recipe_schema_loads_without_mlx():

@@ -77,6 +77,8 @@ def _gguf_head() -> tuple[dict[str, np.ndarray], dict[str, str], int]:
     return data, types, n
 
 
+# An independent statement of the GGUF -> mtp.* head names (on purpose: the test checks the
+# base recipe's table against it, so it must not read the recipe).
 GGUF_TO_MTP = {
     "nextn.eh_proj": "fc", "nextn.enorm": "pre_fc_norm_embedding", "nextn.hnorm": "pre_fc_norm_hidden",
     "nextn.shared_head_norm": "norm", "attn_norm": "layers.0.input_layernorm",

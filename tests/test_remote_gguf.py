@@ -23,6 +23,7 @@ from forgekit.sources.remote_gguf import open_remote_gguf
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
+# The head's GGUF names, stated independently of the recipe on purpose (the fake hub serves them).
 HEAD_NAMES = ["nextn.eh_proj", "nextn.enorm", "nextn.hnorm", "nextn.shared_head_norm", "attn_norm",
               "post_attention_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_q_norm", "attn_k_norm",
               "ffn_gate", "ffn_up", "ffn_down"]
