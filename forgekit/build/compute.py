@@ -205,7 +205,7 @@ class Workspace:
         dt = BY_ST_CODE.get(piece.ref.storage)
         if dt is None or not dt.is_float:
             return
-        bits_type = {2: np.uint16, 4: np.uint32, 8: np.uint64}[dt.itemsize]
+        bits_type = np.dtype(f"u{dt.itemsize}").type   # the stored bits as an unsigned integer
         bits = np.frombuffer(raw, dtype=bits_type)
         if not bits.size:
             return

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dtypes import itemsize
+from ..dtypes import BY_GGML, itemsize
 from ..errors import PlanError
 from ..recipe import QuantParams, Recipe, recipe_line
 from ..sources import TensorSource, open_source
@@ -175,7 +175,7 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
             decision: QuantDecision = rules.decide(m.output_key, shape)
             if decision.note:
                 warnings.append(f"{m.output_key}: kept in {dtype}: {decision.note}")
-            if info.stored_as not in ("BF16", "F16", "F32", ""):
+            if info.stored_as and info.stored_as not in BY_GGML:  # not an exactly stored float type
                 warnings.append(f"{m.output_key}: source {info.file} stores '{m.source_key}' as {info.stored_as}; "
                                 f"it is dequantized, not original precision")
             tensors.append(TensorPlan(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..dtypes import BY_GGML
 from ..errors import SourceError
 from .base import TensorSource
 from .gguf_file import GGUFSource
@@ -107,7 +108,7 @@ def mtp_summary(source: TensorSource) -> dict:
         out = {"declared": True, "block": block, "tensors": len(names), "stored_as": types}
         if not names:
             out["note"] = f"declares an MTP head (block {block}) but ships no blk.{block}.* tensors"
-        elif any(t not in ("BF16", "F16", "F32") for t in types):
+        elif any(t not in BY_GGML for t in types):
             out["note"] = "head stored quantized: a head built from it is dequantized, not original precision"
         return out
     names = [k for k in source.keys() + list(source.unread) if k.startswith("mtp.")]

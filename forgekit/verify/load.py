@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..dtypes import BY_NAME
 from ..mtp_head import MTPHeadModel, text_args
 
 def _signature(directory: Path) -> tuple:
@@ -24,7 +25,7 @@ def _signature(directory: Path) -> tuple:
     return (str(directory.resolve()),) + tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-COMPUTE_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")   # what the probes may run the built model in
 
 
 def compute_dtype(params: dict):
@@ -37,7 +38,7 @@ def compute_dtype(params: dict):
     name = params.get("compute_dtype", "float32")
     if name not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype '{name}' is not one of {sorted(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
+    return BY_NAME[name].mlx()
 
 
 def cast_floats(module, dtype) -> None:
