@@ -106,6 +106,21 @@ def test_rooms_import_one_way():
     assert wrong == []
 
 
+def test_rooms_are_small():
+    """No module over ~400 lines; no function over 60 lines unless its docstring says why."""
+    too_long = []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > 420:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                doc = ast.get_docstring(node) or ""
+                if "long on purpose" not in doc and "over 60 lines" not in doc:
+                    too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_long == []
+
+
 def test_environment_is_read_only_in_settings():
     readers = []
     for name, path in _modules().items():

@@ -5,13 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from typing import TYPE_CHECKING
-
 from ..dtypes import itemsize
 from ..recipe import Recipe
-
-if TYPE_CHECKING:
-    from .plan import TensorPlan
+from .tensor import TensorPlan
 
 
 _LAYER = re.compile(r".*?\.layers\.\d+\.")

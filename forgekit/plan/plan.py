@@ -11,50 +11,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..dtypes import BY_GGML, itemsize
+from ..dtypes import BY_GGML
 from ..errors import PlanError
-from ..recipe import QuantParams, Recipe, recipe_line
+from ..recipe import Recipe, recipe_line
 from ..sources import TensorSource, open_source
-from .quant import QuantDecision, QuantRules, config_entries, quantized_shapes
 from .layout import assign_files
+from .quant import QuantDecision, QuantRules, config_entries
 from .remap import Table
+from .tensor import TensorPlan
 from .transforms import TRANSFORMS
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    key: str                      # output tensor name (for quantized: the `.weight`)
-    role: str                     # source role
-    source_key: str
-    source_file: str
-    source_dtype: str
-    stored_as: str
-    rule: str                     # remap rule name
-    transforms: tuple[str, ...]
-    dtype: str                    # float dtype written (before quantization)
-    shape: tuple[int, ...]        # after transforms
-    quant: QuantParams | None
-    quant_rule: str
-    file: str = ""                # output file name, filled by layout
-
-    def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name, dtype, shape) of every tensor this entry writes."""
-        if self.quant is None:
-            return [(self.key, self.dtype, self.shape)]
-        base = self.key[: -len("weight")]
-        shapes = quantized_shapes(self.shape, self.quant)
-        return [(base + "weight", "uint32", shapes["weight"]),
-                (base + "scales", self.dtype, shapes["scales"]),
-                (base + "biases", self.dtype, shapes["biases"])]
-
-    def nbytes(self) -> int:
-        total = 0
-        for _, dtype, shape in self.outputs():
-            n = itemsize(dtype)
-            for d in shape:
-                n *= d
-            total += n
-        return total
 
 
 @dataclass(frozen=True)
