@@ -522,7 +522,8 @@ class ObjectStore:
 
 
 LEASE_NAME_RE = re.compile(r"(?P<pid>[0-9]{1,10})\.json")
-_LEASED: dict[Path, set[str]] = {}
+_LEASED: dict[Path, set[str]] = {}     # this process's leases: directory -> keys
+_LEASE_PID: list[int] = []             # the pid whose exit removes them (a forked child leases anew)
 
 
 def lease_dir(root: Path | None = None) -> Path:
@@ -538,7 +539,9 @@ def lease_objects(keys, root: Path | None = None) -> Path:
     ignores (and removes) it."""
     directory = lease_dir(root)
     keys = {k for k in keys if KEY_RE.fullmatch(k)}
-    if not _LEASED:
+    if _LEASE_PID != [os.getpid()]:
+        _LEASE_PID[:] = [os.getpid()]
+        _LEASED.clear()
         atexit.register(_drop_leases, os.getpid())
     held = _LEASED.setdefault(directory, set())
     held |= keys
