@@ -11,17 +11,24 @@ the registry of published outputs, and `cache ls` / `cache gc`.
   digest, and a reused object is checked against it (via the stat memo) before use.
 - Every published output is registered (cache/outputs.sqlite3); its manifest names the
   objects it was assembled from. `cache_gc` keeps exactly the objects some registered,
-  still-existing output references (see its docstring).
+  still-existing output references or a running build has leased (see its docstring).
+- gc and verify find files by listing the store, never by globbing: a name read from disk
+  is used only when it fully matches one of the exact patterns forgekit writes, only
+  regular files are ever removed, and symlinks (to files or directories) are never followed.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
 import json
 import os
+import re
 import shutil
 import sqlite3
+import stat
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -29,6 +36,7 @@ from pathlib import Path
 
 import xxhash
 
+from .errors import ForgeError
 from .faults import checkpoint
 
 FORMAT_VERSION = 2          # bump when the bytes a shard object holds change for the same plan
@@ -146,19 +154,69 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-@contextmanager
-def _sqlite(path: Path, schema: str):
-    db = sqlite3.connect(path, timeout=60)
+class CorruptStateFile(ForgeError):
+    """A state file under the cache (sqlite db, cache record) that cannot be read; the message
+    names it and says how to recover."""
+
+    def __init__(self, path: Path, cause: str, remedy: str):
+        super().__init__(f"{path} is corrupt ({cause}); {remedy}")
+        self.path = Path(path)
+        self.cause = cause
+
+
+def corrupt_sqlite(exc: BaseException) -> bool:
+    """A sqlite error that means the file is damaged or not a database (not: busy, locked, missing)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, sqlite3.DatabaseError) and code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+    return type(exc) is sqlite3.DatabaseError  # older Pythons: no code, but "not a database" is this exact type
+
+
+def check_sqlite(path: Path, remedy: str) -> None:
+    """Raise CorruptStateFile unless the sqlite file at `path` is absent or passes `PRAGMA quick_check`."""
+    if not Path(path).exists():
+        return
     try:
-        db.execute(schema)
-        yield db
-        db.commit()
-    finally:
-        db.close()
+        db = sqlite3.connect(path, timeout=60)
+        try:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        if corrupt_sqlite(exc):
+            raise CorruptStateFile(path, str(exc), remedy) from None
+        raise
+    if rows != [("ok",)]:
+        raise CorruptStateFile(path, str(rows[0][0]) if rows else "quick_check failed", remedy)
+
+
+@contextmanager
+def _sqlite(path: Path, schema: str, remedy: str):
+    try:
+        db = sqlite3.connect(path, timeout=60)
+        try:
+            db.execute(schema)
+            yield db
+            db.commit()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        if corrupt_sqlite(exc):
+            raise CorruptStateFile(path, str(exc), remedy) from None
+        raise
+
+
+def warn(message: str) -> None:
+    print(f"forgekit: warning: {message}", file=sys.stderr, flush=True)
 
 
 class StatMemo:
-    """(path, size, mtime_ns, ctime_ns, inode) -> digest, in one sqlite file (safe across processes)."""
+    """(path, size, mtime_ns, ctime_ns, inode) -> digest, in one sqlite file (safe across processes).
+
+    A corrupt memo file is replaced by an empty one with a warning line, not refused: it is a
+    pure cache (an entry is only used while the file's size, mtime, ctime and inode are
+    unchanged), so losing it costs re-hashing, never a wrong answer.
+    """
 
     SCHEMA = ("CREATE TABLE IF NOT EXISTS memo2 (path TEXT PRIMARY KEY, size INT, mtime INT, ctime INT, "
               "inode INT, digest TEXT)")
@@ -168,16 +226,36 @@ class StatMemo:
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "stat-memo.sqlite3"
 
-    def _db(self):
-        return _sqlite(self.path, self.SCHEMA)
+    def _run(self, sql: str, params: tuple = ()) -> list:
+        """One statement on the memo; a corrupt memo file is replaced and the statement retried once."""
+        for attempt in (1, 2):
+            try:
+                with _sqlite(self.path, self.SCHEMA, "remove it") as db:
+                    return db.execute(sql, params).fetchall()
+            except CorruptStateFile as exc:
+                if attempt == 2:
+                    raise
+                self._reset(exc)
+        return []
+
+    def check(self) -> None:
+        """Replace the memo now if it is corrupt (a build calls this before it starts)."""
+        try:
+            check_sqlite(self.path, "remove it")
+        except CorruptStateFile as exc:
+            self._reset(exc)
+
+    def _reset(self, exc: CorruptStateFile) -> None:
+        warn(f"{self.path} is corrupt ({exc.cause}); replaced it by an empty stat memo (it only saves re-hashing)")
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def lookup(self, path: Path, st: os.stat_result | None = None) -> str | None:
         """The memoised digest if the file is unchanged since it was recorded, else None."""
         path = Path(path).resolve()
         st = st or path.stat()
-        with self._db() as db:
-            row = db.execute("SELECT size, mtime, ctime, inode, digest FROM memo2 WHERE path=?",
-                             (str(path),)).fetchone()
+        rows = self._run("SELECT size, mtime, ctime, inode, digest FROM memo2 WHERE path=?", (str(path),))
+        row = rows[0] if rows else None
         if row and tuple(row[:4]) == _stat_key(st):
             return row[4]
         return None
@@ -198,8 +276,7 @@ class StatMemo:
         path = Path(path).resolve()
         st = st or path.stat()
         checkpoint("memo.remember")
-        with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO memo2 VALUES (?,?,?,?,?,?)", (str(path), *_stat_key(st), digest))
+        self._run("INSERT OR REPLACE INTO memo2 VALUES (?,?,?,?,?,?)", (str(path), *_stat_key(st), digest))
 
     @contextmanager
     def preserving(self, paths):
@@ -224,8 +301,7 @@ class StatMemo:
                 pass
 
     def forget(self, path: Path) -> None:
-        with self._db() as db:
-            db.execute("DELETE FROM memo2 WHERE path=?", (str(Path(path).resolve()),))
+        self._run("DELETE FROM memo2 WHERE path=?", (str(Path(path).resolve()),))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -248,6 +324,35 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+# Exact names forgekit writes under cache/objects/; gc and verify touch nothing else.
+SHARD_DIR_RE = re.compile(r"[0-9a-f]{2}")
+KEY_RE = re.compile(r"[0-9a-f]{32}")                                   # xxh3_128 hex
+STORE_FILE_RE = re.compile(r"(?P<key>[0-9a-f]{32})\.(?P<kind>safetensors|json)")
+TEMP_FILE_RE = re.compile(r"\.(?P<key>[0-9a-f]{32})(?:\.json)?\.[0-9]+\.[a-z0-9_]+\.tmp")   # make_temp names
+OBJECT_SUFFIX = "safetensors"
+
+
+def _real_dir_fd(name, dir_fd: int | None = None) -> int | None:
+    """A descriptor of the directory `name` if it is a real directory (a symlink is not opened)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _valid_record(data) -> bool:
+    """A record as commit writes it: a JSON object with a str digest, an int size, numeric times."""
+    if not isinstance(data, dict) or not isinstance(data.get("digest"), str):
+        return False
+    if type(data.get("size")) is not int:
+        return False
+    return all(isinstance(data.get(k, 0.0), (int, float)) and not isinstance(data.get(k), bool)
+               for k in ("created", "last_used"))
+
+
+_WARNED: set[str] = set()
+
+
 class ObjectStore:
     """cache/objects/<key[:2]>/<key>.<suffix> plus <key>.json = {digest, size, created, last_used, ...}."""
 
@@ -256,27 +361,44 @@ class ObjectStore:
         self.root = self.base / "objects"
         self.memo = StatMemo(self.base)
 
-    def path(self, key: str, suffix: str = "safetensors") -> Path:
+    def path(self, key: str, suffix: str = OBJECT_SUFFIX) -> Path:
         return self.root / key[:2] / f"{key}.{suffix}"
 
     def record_path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def record(self, key: str) -> dict | None:
+    def _read_record(self, key: str) -> tuple[dict | None, bool]:
+        """(record, corrupt): (None, False) when there is none, (None, True) when it cannot be used."""
         try:
-            return json.loads(self.record_path(key).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+            data = json.loads(self.record_path(key).read_bytes())
+        except FileNotFoundError:
+            return None, False
+        except (OSError, ValueError):
+            return None, True
+        return (data, False) if _valid_record(data) else (None, True)
 
-    def valid(self, key: str, suffix: str = "safetensors") -> bool:
-        """The object exists and its bytes still hash to the recorded digest."""
+    def record(self, key: str) -> dict | None:
+        return self._read_record(key)[0]
+
+    def valid(self, key: str, suffix: str = OBJECT_SUFFIX) -> bool:
+        """The object is a regular file whose bytes still hash to the recorded digest.
+
+        A record that is not a valid record (not JSON, not an object, wrong field types) makes
+        the object invalid: it is rebuilt and its record rewritten, with one warning line."""
         obj = self.path(key, suffix)
-        record = self.record(key)
-        if record is None or not obj.is_file():
+        record, corrupt = self._read_record(key)
+        if corrupt and str(obj) not in _WARNED:
+            _WARNED.add(str(obj))
+            warn(f"{self.record_path(key)} is not a valid cache record; its object is rebuilt")
+        try:
+            st = os.lstat(obj)
+        except OSError:
             return False
-        return obj.stat().st_size == record.get("size") and self.memo.digest(obj) == record.get("digest")
+        if record is None or not stat.S_ISREG(st.st_mode):
+            return False
+        return st.st_size == record["size"] and self.memo.digest(obj) == record["digest"]
 
-    def commit(self, key: str, tmp_file: Path, digest: str, suffix: str = "safetensors", **info) -> Path:
+    def commit(self, key: str, tmp_file: Path, digest: str, suffix: str = OBJECT_SUFFIX, **info) -> Path:
         """Move a finished temp file into the store and record its digest."""
         obj = self.path(key, suffix)
         obj.parent.mkdir(parents=True, exist_ok=True)
@@ -307,34 +429,176 @@ class ObjectStore:
         self.remove_stale_temps(key)
         return make_temp(self.root / key[:2], key)
 
+    # -- listing and removing: only regular files with forgekit's names, never through a symlink
+
+    def files(self, shard: str | None = None):
+        """(shard dir name, file name, lstat) of every regular file in the real shard dirs.
+
+        Shard dirs must be named like forgekit names them and be directories themselves: a
+        symlink (to a directory or a file) is skipped, never followed."""
+        root_fd = _real_dir_fd(self.root)
+        if root_fd is None:
+            return
+        try:
+            for d in [shard] if shard is not None else sorted(os.listdir(root_fd)):
+                if not SHARD_DIR_RE.fullmatch(d):
+                    continue
+                fd = _real_dir_fd(d, dir_fd=root_fd)
+                if fd is None:
+                    continue
+                try:
+                    for name in sorted(os.listdir(fd)):
+                        try:
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISREG(st.st_mode):
+                            yield d, name, st
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(root_fd)
+
+    def unlink(self, shard: str, name: str) -> int:
+        """Remove `objects/<shard>/<name>` if it is a regular file in a real shard dir; bytes freed."""
+        root_fd = _real_dir_fd(self.root)
+        if root_fd is None:
+            return 0
+        try:
+            fd = _real_dir_fd(shard, dir_fd=root_fd)
+            if fd is None:
+                return 0
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    return 0
+                os.unlink(name, dir_fd=fd)
+                return st.st_size
+            except OSError:
+                return 0
+            finally:
+                os.close(fd)
+        finally:
+            os.close(root_fd)
+
     def temps(self, key: str | None = None) -> list[Path]:
-        pattern = f"{key[:2]}/.{key}.*.tmp" if key else "*/.*.tmp"
-        return sorted(self.root.glob(pattern))
+        """Temp files of make_temp in the store (all of them, or those of one key)."""
+        if key is None:
+            pattern, shard = TEMP_FILE_RE, None
+        else:
+            pattern, shard = re.compile(rf"\.{re.escape(key)}(?:\.json)?\.[0-9]+\.[a-z0-9_]+\.tmp"), key[:2]
+        return [self.root / d / name for d, name, _ in self.files(shard) if pattern.fullmatch(name)]
 
     def remove_stale_temps(self, key: str | None = None) -> int:
         """Delete temp files left by killed builds (writer pid gone); returns bytes freed."""
-        freed = 0
-        for p in self.temps(key):
-            if stale_temp(p):
-                try:
-                    freed += p.stat().st_size
-                    p.unlink()
-                except OSError:
-                    pass
-        return freed
+        return sum(self.unlink(p.parent.name, p.name) for p in self.temps(key) if stale_temp(p))
 
-    def entries(self) -> list[tuple[str, dict]]:
+    def entries(self) -> list[tuple[str, dict | None]]:
+        """(key, record) for every record file; record None when it is not a valid record."""
         out = []
-        for rec in sorted(self.root.glob("*/*.json")):
-            try:
-                out.append((rec.stem, json.loads(rec.read_text())))
-            except (OSError, json.JSONDecodeError):
-                out.append((rec.stem, {}))
+        for d, name, _ in self.files():
+            m = STORE_FILE_RE.fullmatch(name)
+            if m and m["kind"] == "json" and name[:2] == d:
+                out.append((m["key"], self.record(m["key"])))
         return out
 
-    def remove(self, key: str) -> None:
-        for p in self.root.glob(f"{key[:2]}/{key}.*"):
-            p.unlink(missing_ok=True)
+    def objects(self) -> dict[str, os.stat_result]:
+        """key -> lstat of every object file (regular, correctly named and placed)."""
+        found = {}
+        for d, name, st in self.files():
+            m = STORE_FILE_RE.fullmatch(name)
+            if m and m["kind"] == OBJECT_SUFFIX and name[:2] == d:
+                found[m["key"]] = st
+        return found
+
+    def remove(self, key: str) -> int:
+        """Remove an object and its record (regular files only); bytes freed."""
+        if not KEY_RE.fullmatch(key):
+            raise ValueError(f"not an object key: {key!r}")
+        return self.unlink(key[:2], f"{key}.{OBJECT_SUFFIX}") + self.unlink(key[:2], f"{key}.json")
+
+
+# ---------------------------------------------------------------- leases of running builds
+
+
+LEASE_NAME_RE = re.compile(r"(?P<pid>[0-9]{1,10})\.json")
+_LEASED: dict[Path, set[str]] = {}     # this process's leases: directory -> keys
+_LEASE_PID: list[int] = []             # the pid whose exit removes them (a forked child leases anew)
+
+
+def lease_dir(root: Path | None = None) -> Path:
+    return (Path(root).resolve() if root else cache_root()) / "leases"
+
+
+def lease_objects(keys, root: Path | None = None) -> Path:
+    """Tell gc that this process's build needs the objects `keys` (cache/leases/<pid>.json).
+
+    A build writes its lease when it plans its tasks, before any object is built, so gc keeps
+    both the objects it reuses and the ones it has built but not yet published. The file is
+    removed when the process exits; a lease left by a killed build names a dead pid and gc
+    ignores (and removes) it."""
+    directory = lease_dir(root)
+    keys = {k for k in keys if KEY_RE.fullmatch(k)}
+    if _LEASE_PID != [os.getpid()]:
+        _LEASE_PID[:] = [os.getpid()]
+        _LEASED.clear()
+        atexit.register(_drop_leases, os.getpid())
+    held = _LEASED.setdefault(directory, set())
+    held |= keys
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{os.getpid()}.json"
+    atomic_write_json(path, {"pid": os.getpid(), "keys": sorted(held), "created": time.time()})
+    return path
+
+
+def _drop_leases(pid: int) -> None:
+    if os.getpid() != pid:  # a forked helper exiting: the lease is its parent's
+        return
+    for directory in _LEASED:
+        (directory / f"{pid}.json").unlink(missing_ok=True)
+
+
+def leased_keys(root: Path | None = None, remove_stale: bool = True) -> set[str]:
+    """Keys named by the leases of live processes; leases of dead pids are ignored (and removed).
+
+    A lease of a live pid that cannot be read is one line (CorruptStateFile): gc cannot know
+    what that build needs. A pid reused by an unrelated process keeps the objects a little
+    longer, never less."""
+    directory = lease_dir(root)
+    fd = _real_dir_fd(directory)
+    if fd is None:
+        return set()
+    try:
+        names = sorted(os.listdir(fd))
+        keys: set[str] = set()
+        for name in names:
+            m = LEASE_NAME_RE.fullmatch(name)
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if not m or not stat.S_ISREG(st.st_mode):
+                continue
+            if not pid_alive(int(m["pid"])):
+                if remove_stale:
+                    try:
+                        os.unlink(name, dir_fd=fd)
+                    except OSError:
+                        pass
+                continue
+            path = directory / name
+            try:
+                data = json.loads(path.read_bytes())
+            except (OSError, ValueError):
+                data = None
+            listed = data.get("keys") if isinstance(data, dict) else None
+            if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+                raise CorruptStateFile(path, "not a lease record", f"remove it if process {m['pid']} is not a "
+                                       "forgekit build")
+            keys |= {k for k in listed if KEY_RE.fullmatch(k)}
+        return keys
+    finally:
+        os.close(fd)
 
 
 def place_file(src: Path, dst: Path, link: bool = True) -> str:
@@ -392,34 +656,43 @@ def link_outputs() -> bool:
 
 
 class OutputRegistry:
-    """Output directories published with this cache: dir -> (recipe, build key, time)."""
+    """Output directories published with this cache: dir -> (recipe, build key, time).
+
+    A corrupt registry is refused with one line (CorruptStateFile), not silently replaced:
+    it is what tells gc which objects published outputs use, so an empty one would make gc
+    treat them all as unreferenced. The user decides to remove it."""
 
     SCHEMA = "CREATE TABLE IF NOT EXISTS outputs (dir TEXT PRIMARY KEY, recipe TEXT, build_key TEXT, published REAL)"
+    REMEDY = ("remove it; each output registers again when it is next built (until then `forgekit cache gc` "
+              "counts its objects as unreferenced)")
 
     def __init__(self, root: Path | None = None):
         root = root or cache_root()
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "outputs.sqlite3"
 
+    def check(self) -> None:
+        check_sqlite(self.path, self.REMEDY)
+
     def add(self, directory: Path, recipe: str, build_key: str) -> None:
-        with _sqlite(self.path, self.SCHEMA) as db:
+        with _sqlite(self.path, self.SCHEMA, self.REMEDY) as db:
             db.execute("INSERT OR REPLACE INTO outputs VALUES (?,?,?,?)",
                        (str(Path(directory).resolve()), recipe, build_key, time.time()))
 
     def remove(self, directory: Path) -> None:
-        with _sqlite(self.path, self.SCHEMA) as db:
+        with _sqlite(self.path, self.SCHEMA, self.REMEDY) as db:
             db.execute("DELETE FROM outputs WHERE dir=?", (str(Path(directory).resolve()),))
 
     def all(self) -> list[dict]:
-        with _sqlite(self.path, self.SCHEMA) as db:
+        with _sqlite(self.path, self.SCHEMA, self.REMEDY) as db:
             rows = db.execute("SELECT dir, recipe, build_key, published FROM outputs ORDER BY dir").fetchall()
         return [{"dir": r[0], "recipe": r[1], "build_key": r[2], "published": r[3]} for r in rows]
 
 
 def read_manifest(directory: Path) -> dict | None:
     try:
-        data = json.loads((Path(directory) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads((Path(directory) / MANIFEST).read_bytes())
+    except (OSError, ValueError):   # ValueError: not JSON, or not UTF-8
         return None
     return data if isinstance(data, dict) else None
 
@@ -431,8 +704,10 @@ def references(root: Path | None = None) -> dict[str, list[dict]]:
         manifest = read_manifest(Path(out["dir"]))
         if manifest is None:
             continue
-        for name, key in manifest.get("objects", {}).items():
-            refs.setdefault(key, []).append({"dir": out["dir"], "recipe": manifest.get("recipe"), "file": name})
+        objects = manifest.get("objects")
+        for name, key in (objects.items() if isinstance(objects, dict) else ()):
+            if isinstance(key, str):
+                refs.setdefault(key, []).append({"dir": out["dir"], "recipe": manifest.get("recipe"), "file": name})
     return refs
 
 
@@ -440,44 +715,50 @@ def references(root: Path | None = None) -> dict[str, list[dict]]:
 
 
 def cache_ls(root: Path | None = None) -> list[dict]:
-    """One row per cached object, newest use first.
+    """One row per cached object record, newest use first.
 
     Keys: key, file (output file name it was built as), recipe (recipe that built it),
     used_by (recipe names of registered outputs referencing it), size (bytes),
     created / last_used (unix time), age_days (since last use), referenced (bool),
-    path (the object file).
+    missing (no object file), bad_record (the record is not a valid record: the object
+    is never served), path (the object file).
     """
     root = Path(root).resolve() if root else cache_root()
     store = ObjectStore(root)
     refs = references(root)
+    objects = store.objects()
     now = time.time()
     rows = []
     for key, rec in store.entries():
-        path = store.path(key)
-        try:
-            size = path.stat().st_size
-        except OSError:
-            size = None
-        last = rec.get("last_used", rec.get("created", 0.0))
+        st = objects.get(key)
+        info = rec or {}
+        last = info.get("last_used", info.get("created", 0.0))
         rows.append({
-            "key": key, "file": rec.get("file", ""), "recipe": rec.get("recipe", ""),
-            "used_by": sorted({r["recipe"] or "" for r in refs.get(key, [])}),
-            "size": size if size is not None else 0, "created": rec.get("created"), "last_used": last,
+            "key": key, "file": str(info.get("file", "")), "recipe": str(info.get("recipe", "")),
+            "used_by": sorted({str(r["recipe"] or "") for r in refs.get(key, [])}),
+            "size": st.st_size if st is not None else 0, "created": info.get("created"), "last_used": last,
             "age_days": round((now - last) / 86400, 3), "referenced": key in refs,
-            "missing": size is None, "path": str(path),
+            "missing": st is None, "bad_record": rec is None, "path": str(store.path(key)),
         })
     rows.sort(key=lambda r: -(r["last_used"] or 0))
     return rows
 
 
 def cache_verify(root: Path | None = None, remove: bool = True) -> list[str]:
-    """Re-hash every object (ignoring the stat memo); return (and by default remove) the bad ones."""
+    """Re-hash every object (ignoring the stat memo); return (and by default remove) the bad ones.
+
+    Bad: the record is not a valid record, the object file is missing or not a regular file,
+    or its size or bytes differ from the record. Removing one deletes exactly
+    `objects/<key[:2]>/<key>.safetensors` and `<key>.json` when they are regular files."""
     root = Path(root).resolve() if root else cache_root()
     store = ObjectStore(root)
+    objects = store.objects()
     bad = []
     for key, rec in store.entries():
         path = store.path(key)
-        ok = path.is_file() and path.stat().st_size == rec.get("size") and hash_file(path) == rec.get("digest")
+        st = objects.get(key)
+        ok = (rec is not None and st is not None and st.st_size == rec["size"]
+              and hash_file(path) == rec["digest"])
         if not ok:
             bad.append(key)
             if remove:
@@ -488,27 +769,25 @@ def cache_verify(root: Path | None = None, remove: bool = True) -> list[str]:
     return bad
 
 
-def _age(path: Path, now: float) -> float:
-    """Seconds since the file's inode last changed (a rename counts); 0 if it is gone."""
-    try:
-        return now - path.stat().st_ctime
-    except OSError:
-        return 0.0
-
-
 def cache_gc(root: Path | None = None, older_than_days: float | None = None, keep_unreferenced: bool = False,
              dry_run: bool = False) -> dict:
     """Remove cache objects that no build needs.
 
     An object is *referenced* when the manifest of a registered output directory (one that
-    `doit build` published with this cache and that still exists) lists it. gc removes:
+    `doit build` published with this cache and that still exists) lists it, and *leased*
+    when a running build's lease (cache/leases/<pid>.json, see lease_objects) names it.
+    Leased objects are always kept. Otherwise gc removes:
       - every unreferenced object (unless keep_unreferenced=True), and
       - with older_than_days=N, also every object last used more than N days ago, even if
         referenced (the published output keeps its own copy; a later rebuild restores the
         object from that output when it still matches, or recomputes it);
-      - temp files of interrupted builds (writer process gone, or older than a day),
-        records without an object, and registry entries of outputs that no longer exist.
-    Returns {"removed": [rows as in cache_ls], "freed_bytes", "kept", "temps_removed", "dry_run"}.
+      - objects whose record is not a valid record (never served), and records without an object;
+      - temp files of interrupted builds (writer process gone, or older than a day), objects
+        without a record renamed over a minute ago (a build killed before recording it),
+        leases of dead processes, and registry entries of outputs that no longer exist.
+    Only regular files named exactly as forgekit names them, found by listing the real (not
+    symlinked) shard directories under cache/objects/, are ever removed.
+    Returns {"removed": [rows as in cache_ls], "freed_bytes", "kept", "leased", "temps_removed", "dry_run"}.
     """
     root = Path(root).resolve() if root else cache_root()
     store = ObjectStore(root)
@@ -517,12 +796,18 @@ def cache_gc(root: Path | None = None, older_than_days: float | None = None, kee
         for out in registry.all():
             if read_manifest(Path(out["dir"])) is None:
                 registry.remove(Path(out["dir"]))
-    removed, kept, freed = [], 0, 0
+    removed, kept, leased, freed = [], 0, 0, 0
     now = time.time()
-    for row in cache_ls(root):
+    rows = cache_ls(root)
+    protected = leased_keys(root, remove_stale=not dry_run)   # read after listing: see lease_objects
+    for row in rows:
+        if row["key"] in protected:
+            kept += 1
+            leased += 1
+            continue
         too_old = older_than_days is not None and (now - (row["last_used"] or 0)) / 86400 > older_than_days
         unreferenced = not row["referenced"] and not keep_unreferenced
-        if too_old or unreferenced or row["missing"]:
+        if too_old or unreferenced or row["missing"] or row["bad_record"]:
             removed.append(row)
             freed += row["size"]
             if not dry_run:
@@ -533,13 +818,16 @@ def cache_gc(root: Path | None = None, older_than_days: float | None = None, kee
     temps = [p for p in store.temps() if stale_temp(p)]
     # Objects without a record: a build killed between rename and record (never served: valid()
     # needs the record). Only ones renamed over a minute ago, so a build committing now keeps its own.
-    temps += [p for p in store.root.glob("*/*.safetensors")
-              if not store.record_path(p.name.split(".")[0]).is_file() and _age(p, now) > 60]
+    recorded = {key for key, _ in store.entries()}
+    temps += [store.path(key) for key, st in store.objects().items()
+              if key not in recorded and key not in protected and now - st.st_ctime > 60]
     for p in temps:
-        try:
-            freed += p.stat().st_size
-            if not dry_run:
-                p.unlink()
-        except OSError:
-            pass
-    return {"removed": removed, "freed_bytes": freed, "kept": kept, "temps_removed": len(temps), "dry_run": dry_run}
+        if dry_run:
+            try:
+                freed += os.lstat(p).st_size
+            except OSError:
+                pass
+        else:
+            freed += store.unlink(p.parent.name, p.name)
+    return {"removed": removed, "freed_bytes": freed, "kept": kept, "leased": leased,
+            "temps_removed": len(temps), "dry_run": dry_run}

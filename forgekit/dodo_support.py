@@ -12,7 +12,7 @@ from pathlib import Path
 
 from doit.dependency import FileChangedChecker
 
-from .cache import StatMemo, cache_root
+from .cache import CorruptStateFile, OutputRegistry, StatMemo, cache_root, check_sqlite
 from .errors import ForgeError, env_number
 
 
@@ -57,14 +57,50 @@ def state_file(recipe_ref: str) -> Path:
 
 
 def doit_config(recipe_ref: str) -> dict:
-    """DOIT_CONFIG for `recipe=...` (a recipe error is one line on stderr and exit code 2)."""
+    """DOIT_CONFIG for `recipe=...` (a recipe error or a corrupt state file is one line on
+    stderr and exit code 2, checked here because doit opens its state right after)."""
     try:
         path = state_file(recipe_ref)
+        check_state_files(path)
     except ForgeError as exc:
         print(f"forgekit: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     return {**DOIT_CONFIG, "dep_file": str(path)}
+
+
+DOIT_STATE_REMEDY = "remove it (the next build runs its tasks again and reuses the valid cache objects)"
+
+
+def check_state_files(doit_state: Path) -> None:
+    """Before doit opens anything: the stat memo (replaced with a warning if corrupt: it only
+    saves re-hashing), the outputs registry and doit's own state (refused with one line naming
+    the file: the first is what gc trusts, the second is doit's file, so the user removes them)."""
+    StatMemo().check()
+    OutputRegistry().check()
+    check_sqlite(doit_state, DOIT_STATE_REMEDY)
+    _check_doit_rows(doit_state)
+
+
+def _check_doit_rows(path: Path) -> None:
+    """doit decodes every row of its state as JSON when it reads it; a row that is not JSON
+    would be a traceback inside doit."""
+    import json
+    import sqlite3
+
+    if not path.exists():
+        return
+    db = sqlite3.connect(path, timeout=60)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='doit'").fetchone():
+            return
+        for task_id, data in db.execute("SELECT task_id, CAST(task_data AS BLOB) FROM doit"):
+            try:
+                json.loads(data)
+            except (TypeError, ValueError):
+                raise CorruptStateFile(path, f"the state of task {task_id} is not JSON", DOIT_STATE_REMEDY) from None
+    finally:
+        db.close()
 
 
 _HELD: dict[str, int] = {}   # lock file -> descriptor, held until this process exits

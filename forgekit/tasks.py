@@ -33,8 +33,8 @@ from doit.tools import config_changed
 
 from . import __version__, meta
 from .cache import (FORMAT_VERSION, MANIFEST, ObjectStore, OutputRegistry, StatMemo, atomic_write_bytes,
-                    atomic_write_json, hash_bytes, hash_file, key_of, link_outputs, place_file, read_manifest,
-                    references)
+                    atomic_write_json, hash_bytes, hash_file, key_of, lease_objects, link_outputs, place_file,
+                    read_manifest, references)
 from .errors import ForgeError
 from .faults import checkpoint
 from .plan import BuildPlan, make_plan
@@ -437,6 +437,7 @@ def published(recipe_ref: str) -> bool:
 def build_tasks(recipe_ref: str):
     """doit task dicts (sub-tasks of `build`) for one recipe."""
     plan = plan_for(recipe_ref)
+    lease_objects(plan.file_keys.values())  # gc keeps this build's objects while it runs
     shard_tasks = []
     for file, entries in plan.files.items():
         name = f"shard:{file}"
