@@ -127,11 +127,13 @@ def run(directory: Path, plan, params: dict) -> dict:
                "new_tokens": p.new_tokens, "depth": p.depth, "mtplx": mtplx.__version__,
                "concat_order": rt.contract.concat_order, **device_facts(),
                "seconds": {"load": round(load_seconds, 2), "decode": round(time.time() - start - load_seconds, 2)}}
-    low = [f"depth-{run['depth']} decode: acceptance at position {i} {a:.3f} < {t}"
-           for run in by_depth for i, (a, t) in enumerate(zip(run["acceptance"], p.thresholds()), 1) if a < t]
-    problems = ([f"MTP decode is not AR-exact: {mismatches[0]}"
-                 + (f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else "")] if mismatches else [])
-    problems += low[:3] + ([f"+{len(low) - 3} more below threshold"] if len(low) > 3 else [])
+    thresholds = p.thresholds()
+    low = [run for run in by_depth if any(a < t for a, t in zip(run["acceptance"], thresholds))]
+    problems = [f"MTP decode is not AR-exact: {mismatches[0]}"
+                + (f" (+{len(mismatches) - 1} more)" if len(mismatches) > 1 else "")] if mismatches else []
+    if low:
+        problems.append(f"acceptance below min_acceptance {'/'.join(map(str, thresholds))}: " + "; ".join(
+            f"depth-{run['depth']} decode {'/'.join(f'{a:.3f}' for a in run['acceptance'])}" for run in low))
     if problems:
         return {"passed": False, "cause": "MTPLX runtime: " + "; ".join(problems), "summary": summary}
     return {"passed": True, "summary": summary}
