@@ -57,8 +57,8 @@ def parse_params(params: dict) -> MtplxParams:
         return MtplxParams.model_validate(params)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "params"
-        raise ForgeError(f"params.{where}: {first['msg']}") from None
+        where = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in first["loc"])
+        raise ForgeError(f"params{where}: {first['msg']}") from None
 
 
 def import_mtplx():
