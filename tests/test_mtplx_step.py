@@ -106,7 +106,7 @@ def test_fails_head_norms_shifted_twice(standin, built_demo, tmp_path):
 @LINUX_ONLY
 def test_skipped_where_mtplx_does_not_import_and_the_runtime_file_says_so(built_demo):
     """built_demo ran in a doit subprocess without the stand-in: importing mtplx failed there."""
-    probe = subprocess.run([sys.executable, "-c", "import mtplx.generation"], capture_output=True, text=True)
+    probe = subprocess.run([sys.executable, "-c", "import mtplx.route_tape"], capture_output=True, text=True)
     assert probe.returncode != 0 and "libSystem" in probe.stderr, probe.stderr
     report = json.loads((built_demo / "forgekit-report.json").read_text())
     result = next(r for r in report["results"] if r["step"] == "mtplx")
