@@ -22,7 +22,7 @@ import yaml
 from conftest import DEMO_RECIPE
 from forgekit.errors import ForgeError, VerifyError
 from forgekit.recipe import VerifyStep
-from forgekit.verify import run_step
+from forgekit.verify import report_table, run_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -111,6 +111,7 @@ def test_skipped_where_mtplx_does_not_import_and_the_runtime_file_says_so(built_
     report = json.loads((built_demo / "forgekit-report.json").read_text())
     result = next(r for r in report["results"] if r["step"] == "mtplx")
     assert result["skipped"].startswith("mtplx not importable") and "libSystem" in result["skipped"]
+    assert re.search(r"mtplx\s+skipped\s+[\d.]+\s+skipped: mtplx not importable", report_table([result]))
     runtime = json.loads((built_demo / "mtplx_runtime.json").read_text())
     assert runtime["verified_on"]["mtplx_runtime"]["status"] == "skipped"
     assert "mtplx" not in runtime["exactness_baseline"]["method"]
