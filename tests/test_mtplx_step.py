@@ -68,7 +68,7 @@ def shift_head_norms(head: dict) -> dict:
     return head
 
 
-def failed_acceptance(standin, directory: Path) -> dict[int, list[float]]:
+def failed_acceptance(directory: Path) -> dict[int, list[float]]:
     """Run the step on a mutated build; it must fail naming acceptance; returns it by decode depth."""
     with pytest.raises(VerifyError) as err:
         run_step(DEMO_STEP, directory, None)
@@ -94,12 +94,12 @@ def test_passes_the_demo_build_by_mtplx_counters(good_result):
 
 
 def test_fails_the_fc_halves_swapped(standin, built_demo, tmp_path):
-    acceptance = failed_acceptance(standin, mutated(built_demo, tmp_path, swap_fc_halves))
+    acceptance = failed_acceptance(mutated(built_demo, tmp_path, swap_fc_halves))
     assert acceptance[1][0] < 0.5, acceptance
 
 
 def test_fails_head_norms_shifted_twice(standin, built_demo, tmp_path):
-    acceptance = failed_acceptance(standin, mutated(built_demo, tmp_path, shift_head_norms))
+    acceptance = failed_acceptance(mutated(built_demo, tmp_path, shift_head_norms))
     assert acceptance[3][0] < 0.95 and acceptance[3][2] < 0.85, acceptance
 
 

@@ -12,8 +12,9 @@ temperature 0 speculation must be exact), or when, in any of the D runs, accepta
 draft position i falls below `min_acceptance[i]` (one threshold per position 1..D).
 
 Where `mtplx` does not import (not installed, or on Linux where mtplx 2.12 opens macOS's
-libSystem at import), the result is `skipped`, with the reason: nothing was verified
-by MTPLX, and the report and mtplx_runtime.json say so.
+libSystem at import), the result carries `skipped` with the reason (and `passed` true:
+nothing failed, nothing was verified by MTPLX); the report table shows "skipped" and
+mtplx_runtime.json lists the step as skipped instead of claiming it.
 
 params: prompts (token id lists or text), max_prompt_tokens, new_tokens (32),
 depth (3), min_acceptance (list, one per depth; default 0 each).
@@ -62,7 +63,7 @@ def parse_params(params: dict) -> MtplxParams:
 
 
 def import_mtplx():
-    """(runtime, generation, sampling) modules of mtplx, or the reason they do not import."""
+    """((mtplx, runtime, generation, sampling), None), or (None, the reason they do not import)."""
     try:
         import mtplx
         from mtplx import generation, runtime, sampling
