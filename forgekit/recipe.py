@@ -136,7 +136,7 @@ class ConfigEdits(Frozen):
 
 
 class VerifyStep(Frozen):
-    step: Literal["structural", "norms", "load", "parity", "mtp"]
+    step: Literal["structural", "norms", "load", "parity", "mtp", "mtplx"]
     params: dict[str, Any] = {}
 
 
