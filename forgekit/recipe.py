@@ -81,7 +81,7 @@ def backtracking_risk(pattern: str) -> Optional[str]:
     - an unbounded repeat over alternatives that can start with the same character (`(a|a)*`,
       `(a|ab)+`): same blow-up;
     - more than MAX_WIDE_REPEATS unbounded repeats of a wide atom (`.`, `[^x]`, `\\w`...):
-      the work grows as (name length) ** count; with tensor names capped at 512 characters
+      the work grows as (name length) ** count; with tensor names capped at 512 characters (sources.base.MAX_NAME)
       three stay in milliseconds, four can take seconds per name.
     Real remap rules (`model\\.layers\\.(\\d+)\\..*`) have none of these."""
     try:

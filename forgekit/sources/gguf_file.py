@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import SourceError
-from .base import TensorInfo, TensorSource
+from .base import MAX_NAME, TensorInfo, TensorSource
 
 EXACT_TYPES = {"F32": ("float32", np.float32, None), "F16": ("float16", np.float16, None), "BF16": ("bfloat16", np.uint16, mx.bfloat16)}
 
@@ -53,6 +53,8 @@ class GGUFSource(TensorSource):
             self.metadata[key] = _field_value(field)
         self._tensors = {}
         for t in self.reader.tensors:
+            if len(t.name) > MAX_NAME:
+                raise SourceError(f"{path}: tensor '{t.name[:80]}...': name longer than {MAX_NAME} characters")
             type_name = t.tensor_type.name
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne order -> [out, in]
             if t.data_offset + t.n_bytes > size:
