@@ -574,10 +574,24 @@ def load_recipe(ref: str | Path) -> Recipe:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        rule = _rule_name(data, loc)
+        if rule and loc[-1] == "match" and msg.startswith("regular expression"):
+            msg = f"rule '{rule}': {msg}"
         more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{_locate(where, loc, path)}: {key}: {msg}{more}") from None
     _check_tables(recipe, where, path)
     return recipe
+
+
+def _rule_name(data: Any, loc: tuple) -> Optional[str]:
+    """The `name` of the rule (mapping) holding the key at `loc`, if there is one."""
+    for part in loc[:-1]:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name[:80] if isinstance(name, str) else None
 
 
 def _check_tables(recipe: Recipe, where: dict, path: Path) -> None:

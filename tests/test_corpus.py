@@ -372,9 +372,9 @@ CASES = [
     ("yaml-non-text-key", recipe_only(good() + "config:\n  set: {1: x}\n"), r"recipe\.yaml:8: config\.set: mapping key '1' is not text; quote it"),
     ("extends-foreign-file", foreign_extends, r"recipe\.yaml:1: extends: '.*secret' is not a recipe: give a recipe name or a path ending in \.yaml"),
     ("regex-nested-quantifier", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: '(a+)+b', to: x}\n"),
-     r"recipe\.yaml:9: remap\.body\.0\.match: regular expression '\(a\+\)\+b' could take exponential time \(a quantifier nested"),
+     r"recipe\.yaml:9: remap\.body\.0\.match: rule 'a': regular expression '\(a\+\)\+b' could take exponential time \(a quantifier nested"),
     ("regex-ambiguous-alternation", recipe_only(good() + "quantization:\n  rules:\n    - {name: q, match: '(a|ab)*c', quantize: false}\n"),
-     r"recipe\.yaml:9: quantization\.rules\.0\.match: regular expression .* could take exponential time \(alternatives"),
+     r"recipe\.yaml:9: quantization\.rules\.0\.match: rule 'q': regular expression .* could take exponential time \(alternatives"),
     ("regex-many-wide-repeats", recipe_only(good().replace("{dir: out}", "{dir: out, sidecars: [{match: '.*a.*a.*a.*b', file: x.safetensors}]}")),
      r"recipe\.yaml:6: output\.sidecars\.0\.match: regular expression .* could take exponential time \(4 unbounded repeats"),
     # sources: refused unopened, or with the file and tensor named
