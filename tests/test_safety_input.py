@@ -233,3 +233,33 @@ def test_index_with_plain_and_nested_shard_names_reads(tmp_path):
     idx = tmp_path / "model.safetensors.index.json"
     idx.write_text(json.dumps({"weight_map": {"a": "model-1.safetensors", "b": "sub/model-2.safetensors"}}))
     assert read_index(idx, str(idx)) == {"a": "model-1.safetensors", "b": "sub/model-2.safetensors"}
+
+
+def test_gguf_array_count_past_the_file_is_refused_fast(sandbox):
+    """gguf-py alone loops over a doctored array count long past the end of the file."""
+    import numpy as np
+
+    from test_corpus import write_gguf
+
+    head = sandbox / "head.gguf"
+    write_gguf(head, "qwen35", 1, {"output_norm.weight": np.ones(64, np.float32)})
+    raw = bytearray(head.read_bytes())
+    key = b"qwen35.nextn_predict_layers"
+    w = __import__("gguf").GGUFWriter(sandbox / "arr.gguf", "qwen35")
+    w.add_array("doctored.counts", [1, 2, 3])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    arr = (sandbox / "arr.gguf").read_bytes()
+    name = b"doctored.counts"
+    at = arr.index(name) + len(name)
+    entry = arr[at - len(name) - 8: at + 4 + 4 + 8 + 3 * 4]  # key string, type ARRAY, elem type, count, items
+    pos = raw.index(key) - 8
+    raw[pos:pos] = entry
+    kv = struct.unpack_from("<Q", raw, 16)[0]
+    struct.pack_into("<Q", raw, 16, kv + 1)
+    count_at = pos + 8 + len(name) + 4 + 4
+    assert struct.unpack_from("<Q", raw, count_at)[0] == 3
+    struct.pack_into("<Q", raw, count_at, 2**62)
+    head.write_bytes(bytes(raw))
+    refused_fast(sandbox, fill(GOOD, sandbox), r"head\.gguf: not a readable GGUF file: ")
