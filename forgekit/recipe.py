@@ -64,7 +64,7 @@ def _check_regex(pattern: str) -> str:
         raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
     risk = backtracking_risk(concrete)
     if risk:
-        raise ValueError(f"regular expression {pattern!r} could take exponential time ({risk}); simplify it")
+        raise ValueError(f"regular expression {pattern!r} can backtrack catastrophically ({risk}); simplify it")
     return pattern
 
 
