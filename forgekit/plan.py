@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import PlanError
+from .errors import PlanError, SourceError
 from .quant import QuantDecision, QuantRules, config_entries, quantized_shapes
 from .recipe import QuantParams, Recipe, recipe_line
 from .remap import Table
@@ -120,6 +120,11 @@ def open_sources(recipe: Recipe) -> tuple[dict[str, TensorSource], list[dict]]:
             return holder[slot].keeps(name)
 
         source, prov = open_source(role, spec, keep)
+        if role == "body" and source.config is None:
+            # Without it the output's config.json and the head's expected shapes would be defaults.
+            where = source.root / "config.json" if source.root else source.files[0]
+            raise SourceError(f"{where}: the body source's config.json is missing; the body must be a "
+                              "model directory holding its config.json")
         opened[role] = source
         provenance.append(prov)
     return opened, provenance

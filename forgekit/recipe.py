@@ -9,6 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
+
+try:  # the parser behind `re`, to inspect a pattern's structure
+    import re._constants as sre
+    import re._parser as sre_parse
+except ImportError:  # Python < 3.11
+    import sre_constants as sre  # type: ignore[no-redef]
+    import sre_parse  # type: ignore[no-redef]
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -49,11 +57,120 @@ class Source(Frozen):
 
 
 def _check_regex(pattern: str) -> str:
+    concrete = pattern.replace("{mtp_block}", "0")
     try:
-        re.compile(pattern.replace("{mtp_block}", "0"))
+        re.compile(concrete)
     except re.error as exc:
         raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+    risk = backtracking_risk(concrete)
+    if risk:
+        raise ValueError(f"regular expression {pattern!r} can backtrack catastrophically ({risk}); simplify it")
     return pattern
+
+
+MAX_WIDE_REPEATS = 3
+_REPEATS = {sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", sre.MAX_REPEAT)}
+
+
+def backtracking_risk(pattern: str) -> Optional[str]:
+    """Why matching `pattern` may backtrack catastrophically, or None. Python's `re` has no
+    time limit, so risky shapes are refused when the recipe loads:
+
+    - a repeat of unbounded count whose body holds another repeat (`(a+)+`, `(a*)*`, `(\\w+\\.?)*`):
+      the ways to split a string between the two grow exponentially with its length;
+    - an unbounded repeat over alternatives that can start with the same character (`(a|a)*`,
+      `(a|ab)+`): same blow-up;
+    - more than MAX_WIDE_REPEATS unbounded repeats of a wide atom (`.`, `[^x]`, `\\w`...):
+      the work grows as (name length) ** count; with tensor names capped at 512 characters (sources.base.MAX_NAME)
+      three stay in milliseconds, four can take seconds per name.
+    Real remap rules (`model\\.layers\\.(\\d+)\\..*`) have none of these."""
+    try:
+        parsed = sre_parse.parse(pattern)
+    except re.error:
+        return None
+    wide = 0
+
+    def walk(items, under_unbounded: bool) -> Optional[str]:
+        nonlocal wide
+        for op, av in items:
+            if op in _REPEATS:
+                lo, hi, body = av
+                if under_unbounded and hi > 1:
+                    return "a quantifier nested inside an unbounded quantifier"
+                unbounded = hi == sre.MAXREPEAT
+                if unbounded and _is_wide(body):
+                    wide += 1
+                if unbounded and _ambiguous_branches(body):
+                    return "alternatives under an unbounded quantifier that can match the same text"
+                found = walk(body, under_unbounded or (unbounded and hi > 1))
+            elif op == sre.SUBPATTERN:
+                found = walk(av[-1], under_unbounded)
+            elif op == sre.BRANCH:
+                found = next(filter(None, (walk(b, under_unbounded) for b in av[1])), None)
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                found = walk(av[1], under_unbounded)
+            else:
+                found = None
+            if found:
+                return found
+        return None
+
+    found = walk(parsed, False)
+    if found:
+        return found
+    if wide > MAX_WIDE_REPEATS:
+        return f"{wide} unbounded repeats of a wide pattern such as '.*'; at most {MAX_WIDE_REPEATS}"
+    return None
+
+
+def _is_wide(body) -> bool:
+    """Whether a repeated body can match many different characters (`.`, `[^x]`, `\\w`, `\\S`)."""
+    if len(body) != 1:
+        return any(_is_wide([item]) for item in body)
+    op, av = body[0]
+    if op in (sre.ANY, sre.NOT_LITERAL):
+        return True
+    if op == sre.IN:
+        return any(o in (sre.NEGATE, sre.CATEGORY) and a is not sre.CATEGORY_DIGIT for o, a in av)
+    if op == sre.SUBPATTERN:
+        return _is_wide(av[-1])
+    return False
+
+
+def _char_sets(items) -> list[set]:
+    """Per position, the characters a branch can have there, up to its first item that is
+    not a plain character or character class."""
+    out = []
+    for op, av in items:
+        if op == sre.LITERAL:
+            out.append({av})
+        elif op == sre.IN and all(o in (sre.LITERAL, sre.RANGE) for o, _ in av):
+            chars: set = set()
+            for o, a in av:
+                chars |= {a} if o == sre.LITERAL else set(range(a[0], min(a[1], a[0] + 4096) + 1))
+            out.append(chars)
+        else:
+            break
+    return out
+
+
+def _distinct(a: list[set], b: list[set]) -> bool:
+    """Whether two branches can never match the same text: at some position both have a plain
+    character and the characters differ."""
+    return any(not (x & y) for x, y in zip(a, b))
+
+
+def _ambiguous_branches(body) -> bool:
+    """Whether a repeated body holds an alternation whose branches may start alike (the parser
+    factors common prefixes out: `(a|ab)` arrives as `a(?:|b)`, an empty branch)."""
+    for op, av in body:
+        if op == sre.SUBPATTERN and _ambiguous_branches(av[-1]):
+            return True
+        if op == sre.BRANCH:
+            sets = [_char_sets(branch) for branch in av[1]]
+            if any(not _distinct(x, y) for n, x in enumerate(sets) for y in sets[n + 1:]):
+                return True
+    return False
 
 
 Regex = Annotated[str, AfterValidator(_check_regex)]
@@ -167,8 +284,31 @@ class Recipe(Frozen):
 # ---------------------------------------------------------------- YAML with line numbers
 
 
+# Bounds on hostile YAML: a recipe is a few KB; these are far above any real one.
+MAX_RECIPE_BYTES = 1 << 20      # file size
+MAX_DEPTH = 64                  # nesting of lists/mappings
+MAX_EXPANDED = MAX_RECIPE_BYTES # values + scalar characters once every alias is expanded: no
+                                # more than a file of the size limit could spell out without aliases
+_TAG = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {_TAG + t for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+_NON_FINITE = {".nan", ".inf", "+.inf", "-.inf"}
+
+
 class _LineLoader(yaml.SafeLoader):
-    """Safe loader that records the line of every mapping key and rejects duplicate keys."""
+    """Safe loader that records the line of every mapping key, rejects duplicate keys and
+    refuses nesting deeper than MAX_DEPTH while composing (so the composer cannot recurse away)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False):
@@ -188,25 +328,132 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool =
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _read_yaml(path: Path) -> tuple[dict, dict]:
-    """Parse one YAML file; return (data, lines) with lines[(key path tuple)] = line number."""
+def _yaml_fail(path: Path, mark, problem: str, keys: tuple = ()) -> RecipeError:
+    line = f":{mark.line + 1}" if mark is not None else ""
+    key = ".".join(str(k) for k in keys)
+    if problem.startswith("YAML tags"):  # "file:line: YAML tags are not allowed (...) at 'key'; ..."
+        head, _, tail = problem.partition(";")
+        return RecipeError(f"{path}{line}: {head}{f' at {key!r}' if key else ''};{tail}")
+    return RecipeError(f"{path}{line}: {key + ': ' if key else ''}{problem}")
+
+
+def _scalar_problem(node: yaml.ScalarNode) -> Optional[str]:
+    """Why a scalar cannot be a recipe value (JSON holds only str/number/bool/null), or None."""
+    if node.tag == _TAG + "timestamp":
+        return f"'{node.value}' is read by YAML as a date; quote it to keep it as text"
+    if node.tag == _TAG + "merge":
+        return "YAML merge keys ('<<') are not supported; write the keys out, or use 'extends'"
+    if node.tag not in _PLAIN_TAGS:
+        shown = node.tag.replace(_TAG, "!!")
+        return f"YAML tags are not allowed ({shown}); a recipe holds only text, numbers, booleans, null, lists and mappings"
+    if node.tag == _TAG + "float" and node.value.lower() in _NON_FINITE:
+        return f"'{node.value}' is not a finite number; JSON cannot hold it"
+    if node.tag in (_TAG + "int", _TAG + "float") and len(node.value) > 40:
+        return f"number '{node.value[:20]}...' has more than 40 characters"
+    return None
+
+
+def _check_nodes(path: Path, root: yaml.Node) -> None:
+    """Refuse what a recipe cannot hold before constructing anything: recursive aliases, alias
+    expansion beyond MAX_EXPANDED (alias bombs), non-JSON values, non-text mapping keys.
+
+    Walks the node graph once (shared alias targets are sized once), without recursion."""
+    size: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool, tuple]] = [(root, False, ())]
+    while stack:
+        node, done, keys = stack.pop()
+        nid = id(node)
+        if done:
+            active.discard(nid)
+            children = _children(node)
+            total = 1 + sum(size[id(c)] for c in children)
+            if total > MAX_EXPANDED:
+                raise _yaml_fail(path, node.start_mark, f"aliases expand to more than {MAX_EXPANDED} values "
+                                 "(a YAML alias bomb?); write the values out", keys)
+            size[nid] = total
+            continue
+        if nid in size:
+            continue
+        if nid in active:
+            raise _yaml_fail(path, node.start_mark, "a YAML alias refers to a node containing itself (recursive alias)", keys)
+        if isinstance(node, yaml.ScalarNode):
+            problem = _scalar_problem(node)
+            if problem:
+                raise _yaml_fail(path, node.start_mark, problem, keys)
+            size[nid] = 1 + len(node.value)
+            continue
+        if node.tag not in (_TAG + "seq", _TAG + "map"):
+            raise _yaml_fail(path, node.start_mark, f"YAML tags are not allowed ({node.tag.replace(_TAG, '!!')}); "
+                             "a recipe holds only text, numbers, booleans, null, lists and mappings", keys)
+        if isinstance(node, yaml.MappingNode):
+            for key, _ in node.value:
+                if key.tag == _TAG + "merge":
+                    raise _yaml_fail(path, key.start_mark, _scalar_problem(key), keys)
+                if not isinstance(key, yaml.ScalarNode) or key.tag != _TAG + "str":
+                    shown = key.value if isinstance(key, yaml.ScalarNode) else "a list or mapping"
+                    raise _yaml_fail(path, key.start_mark, f"mapping key {shown!r} is not text; quote it", keys)
+        active.add(nid)
+        stack.append((node, True, keys))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                stack.extend([(k, False, keys), (v, False, keys + (k.value,))])
+        else:
+            stack.extend((c, False, keys + (i,)) for i, c in enumerate(node.value))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _recipe_text(path: Path) -> str:
+    """The recipe's text: a regular file of at most MAX_RECIPE_BYTES, UTF-8, without NUL bytes."""
     try:
-        text = path.read_text()
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise RecipeError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
-    loader = _LineLoader(text)
-    loader.key_lines, loader.node_of = {}, {}
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes; not a recipe")
+    if b"\0" in raw:
+        line = raw[:raw.index(b"\0")].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: NUL byte in the recipe")
     try:
-        data = loader.get_single_data()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})") from None
+
+
+def _read_yaml(path: Path) -> tuple[dict, dict]:
+    """Parse one YAML file; return (data, lines) with lines[(key path tuple)] = line number."""
+    text = _recipe_text(path)
+    loader = None
+    try:
+        loader = _LineLoader(text)
+        loader.key_lines, loader.node_of = {}, {}
+        node = loader.get_single_node()
+        if node is not None:
+            _check_nodes(path, node)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
         problem = exc.problem or exc.context or "invalid YAML"
-        if "could not determine a constructor" in str(problem):
-            problem = f"YAML tags are not allowed ({problem.split('tag')[-1].strip()})"
-        raise RecipeError(f"{path}{line}: {problem}") from None
+        raise _yaml_fail(path, mark, problem) from None
+    except yaml.YAMLError as exc:  # e.g. ReaderError: a control character
+        where = getattr(exc, "position", None)
+        line = f":{text[:where].count(chr(10)) + 1}" if isinstance(where, int) else ""
+        reason = getattr(exc, "reason", None) or "invalid YAML"
+        raise RecipeError(f"{path}{line}: {reason}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -242,8 +489,14 @@ def _merge(parent: Any, child: Any) -> Any:
 
 
 def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
-    """A recipe name (`qwythos-9b`) or a path (`x/y.yaml`) → the recipe file."""
-    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
+    """A recipe name (`qwythos-9b`) or a path (`x/y.yaml`) → the recipe file.
+
+    Only recipes are named: a bare name, or a path ending in .yaml/.yml. Anything else
+    (`/etc/shadow`) is refused before it is opened, so no line of a foreign file is echoed."""
+    is_path = ref.endswith((".yaml", ".yml")) or os.sep in ref or (os.altsep or os.sep) in ref
+    if not ref or "\0" in ref or (is_path and not ref.endswith((".yaml", ".yml"))):
+        raise RecipeError(f"{ref!r} is not a recipe: give a recipe name or a path ending in .yaml or .yml")
+    if is_path:
         candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
     else:
         dirs = [d for d in (relative_to, Path.cwd() / "recipes", PACKAGED_RECIPES) if d is not None]
@@ -321,10 +574,24 @@ def load_recipe(ref: str | Path) -> Recipe:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        rule = _rule_name(data, loc)
+        if rule and loc[-1] == "match" and msg.startswith("regular expression"):
+            msg = f"rule '{rule}': {msg}"
         more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{_locate(where, loc, path)}: {key}: {msg}{more}") from None
     _check_tables(recipe, where, path)
     return recipe
+
+
+def _rule_name(data: Any, loc: tuple) -> Optional[str]:
+    """The `name` of the rule (mapping) holding the key at `loc`, if there is one."""
+    for part in loc[:-1]:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name[:80] if isinstance(name, str) else None
 
 
 def _check_tables(recipe: Recipe, where: dict, path: Path) -> None:

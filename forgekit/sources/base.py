@@ -7,6 +7,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
+# Longest tensor name a source may hold: recipe regexes run over names, so their cost stays bounded.
+MAX_NAME = 512
+
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import SourceError
-from .base import TensorInfo, TensorSource
+from .base import MAX_NAME, TensorInfo, TensorSource
 
 EXACT_TYPES = {"F32": ("float32", np.float32, None), "F16": ("float16", np.float16, None), "BF16": ("bfloat16", np.uint16, mx.bfloat16)}
 
@@ -34,6 +34,24 @@ def _field_value(field):
     return field.parts[field.data[0]].tolist()[0]
 
 
+def _check_header(path: Path) -> None:
+    """Walk the header with forgekit's own bounded parser before gguf-py reads it: gguf-py
+    loops over an array's declared count even past the end of the file (a hang on a doctored
+    count), while this walker refuses any count the file's size cannot hold."""
+    from .remote_gguf import RangesRefused, parse_header  # imported here: remote_gguf imports this module
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def fetch(start: int, end: int) -> bytes:
+            f.seek(start)
+            return f.read(end - start)
+
+        try:
+            parse_header(fetch, size)
+        except (SourceError, RangesRefused) as exc:
+            raise SourceError(f"{path}: not a readable GGUF file: {exc}") from None
+
+
 class GGUFSource(TensorSource):
     def __init__(self, role: str, path: Path):
         import gguf
@@ -41,9 +59,10 @@ class GGUFSource(TensorSource):
         path = Path(path)
         if not path.is_file():
             raise SourceError(f"{path}: GGUF source does not exist")
+        _check_header(path)
         try:
             self.reader = gguf.GGUFReader(path)
-        except (ValueError, IndexError, OSError) as exc:
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as exc:
             raise SourceError(f"{path}: not a readable GGUF file ({exc})") from None
         super().__init__(role=role, files=[path], root=None)
         size = path.stat().st_size
@@ -53,6 +72,8 @@ class GGUFSource(TensorSource):
             self.metadata[key] = _field_value(field)
         self._tensors = {}
         for t in self.reader.tensors:
+            if len(t.name) > MAX_NAME:
+                raise SourceError(f"{path}: tensor '{t.name[:80]}...': name longer than {MAX_NAME} characters")
             type_name = t.tensor_type.name
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne order -> [out, in]
             if t.data_offset + t.n_bytes > size:

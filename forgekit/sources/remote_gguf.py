@@ -165,7 +165,9 @@ def parse_header(fetch: Callable[[int, int], bytes], size: int | None = None,
         if value is not None:
             metadata[key] = value
     kv_end = cur.pos
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 2**16:
+        raise SourceError(f"GGUF general.alignment {alignment!r} is not a positive integer up to 65536")
     tensors = []
     for _ in range(n_tensors):
         name = cur.string()
