@@ -317,7 +317,8 @@ def cmd_cache(args) -> int:
             return 0
         verb = "would remove" if args.dry_run else "removed"
         print(f"{verb} {len(result['removed'])} object(s), {_size(result['freed_bytes'])}; "
-              f"kept {result['kept']}; temp files cleared: {result['temps_removed']}")
+              f"kept {result['kept']} ({result['leased']} leased by running builds); "
+              f"temp files cleared: {result['temps_removed']}")
     else:
         bad = cache_verify(root)
         print(f"{len(bad)} corrupt object(s) removed" + (": " + ", ".join(bad) if bad else ""))

@@ -38,7 +38,9 @@ from .build.keys import BuildKeys, build_keys
 from .build.output_lock import hold_build_lock
 from .build.pool import WorkerPool
 from .build.shard import build_into_store, restore_from_output
-from .build.store import ObjectStore, StatMemo
+from .build.leases import lease_objects
+from .build.memo import CorruptStateFile, StatMemo, check_sqlite
+from .build.store import ObjectStore, OutputRegistry
 from .errors import ForgeError
 from .faults import checkpoint
 from .fileio import DISK_ERRORS, disk_error
@@ -103,16 +105,52 @@ def state_file(recipe_ref: str) -> Path:
 
 
 def doit_config(recipe_ref: str) -> dict:
-    """DOIT_CONFIG for `recipe=...` (a recipe error is one line on stderr and exit code 2)."""
+    """DOIT_CONFIG for `recipe=...` (a bad setting, a recipe error or a corrupt state file is one
+    line on stderr and exit code 2, checked here because doit opens its state right after)."""
     try:
         settings.check_all()
         path = state_file(recipe_ref)
+        check_state_files(path)
     except ForgeError as exc:
         print(f"forgekit: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     return {"default_tasks": ["build"], "backend": "sqlite3", "dep_file": str(path),
             "check_file_uptodate": XXH3Checker, "verbosity": 2}
+
+
+DOIT_STATE_REMEDY = "remove it (the next build runs its tasks again and reuses the valid cache objects)"
+
+
+def check_state_files(doit_state: Path) -> None:
+    """Before doit opens anything: the stat memo (replaced with a warning if corrupt: it only
+    saves re-hashing), the outputs registry and doit's own state (refused with one line naming
+    the file: the first is what gc trusts, the second is doit's file, so the user removes them)."""
+    StatMemo().check()
+    OutputRegistry().check()
+    check_sqlite(doit_state, DOIT_STATE_REMEDY)
+    _check_doit_rows(doit_state)
+
+
+def _check_doit_rows(path: Path) -> None:
+    """doit decodes every row of its state as JSON when it reads it; a row that is not JSON
+    would be a traceback inside doit."""
+    import json
+    import sqlite3
+
+    if not path.exists():
+        return
+    db = sqlite3.connect(path, timeout=60)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='doit'").fetchone():
+            return
+        for task_id, data in db.execute("SELECT task_id, CAST(task_data AS BLOB) FROM doit"):
+            try:
+                json.loads(data)
+            except (TypeError, ValueError):
+                raise CorruptStateFile(path, f"the state of task {task_id} is not JSON", DOIT_STATE_REMEDY) from None
+    finally:
+        db.close()
 
 
 # ---------------------------------------------------------------- actions
@@ -186,6 +224,7 @@ def clean_output(recipe_ref: str) -> None:
 def build_tasks(recipe_ref: str):
     """doit task dicts (sub-tasks of `build`) for one recipe."""
     plan, keys = planned(recipe_ref)
+    lease_objects(keys.file_keys.values())  # gc keeps this build's objects while it runs
     shard_tasks = []
     for file, entries in plan.files.items():
         name = f"shard:{file}"

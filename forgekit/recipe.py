@@ -1,4 +1,5 @@
-"""Recipe schema, YAML loading with file:line errors, and `extends` merging.
+"""Recipe schema, loading with file:line errors (the bounded YAML reader is recipe_yaml.py), and
+`extends` merging.
 
 A recipe is YAML validated into frozen pydantic models (unknown keys are errors).
 `extends: NAME` merges a base recipe: mappings merge key by key, a child's list or
@@ -12,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .recipe_yaml import read_yaml
+from .regex_risk import backtracking_risk
 
 PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 # The transforms a rule may name. The schema only needs the names (so validating a recipe loads
@@ -51,10 +53,14 @@ class Source(Frozen):
 
 
 def _check_regex(pattern: str) -> str:
+    concrete = pattern.replace("{mtp_block}", "0")
     try:
-        re.compile(pattern.replace("{mtp_block}", "0"))
+        re.compile(concrete)
     except re.error as exc:
         raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+    risk = backtracking_risk(concrete)
+    if risk:
+        raise ValueError(f"regular expression {pattern!r} can backtrack catastrophically ({risk}); simplify it")
     return pattern
 
 
@@ -138,7 +144,7 @@ class ConfigEdits(Frozen):
 
 
 class VerifyStep(Frozen):
-    step: Literal["structural", "norms", "load", "parity", "mtp"]
+    step: Literal["structural", "norms", "load", "parity", "mtp", "mtplx"]
     params: dict[str, Any] = {}
 
 
@@ -166,74 +172,6 @@ class Recipe(Frozen):
         return Path("build") / self.name
 
 
-# ---------------------------------------------------------------- YAML with line numbers
-
-
-class _LineLoader(yaml.SafeLoader):
-    """Safe loader that records the line of every mapping key and rejects duplicate keys."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode, deep: bool = False):
-    mapping: dict = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-        loader.key_lines[(id(mapping), key)] = key_node.start_mark.line + 1
-    loader.node_of[id(mapping)] = mapping
-    return mapping
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _read_yaml(path: Path) -> tuple[dict, dict]:
-    """Parse one YAML file; return (data, lines) with lines[(key path tuple)] = line number."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
-    loader = _LineLoader(text)
-    loader.key_lines, loader.node_of = {}, {}
-    try:
-        data = loader.get_single_data()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        if "could not determine a constructor" in str(problem):
-            problem = f"YAML tags are not allowed ({problem.split('tag')[-1].strip()})"
-        raise RecipeError(f"{path}{line}: {problem}") from None
-    finally:
-        loader.dispose()
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}:1: a recipe must be a YAML mapping, got {type(data).__name__}")
-    lines: dict[tuple, int] = {}
-
-    def walk(obj, prefix):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                line = loader.key_lines.get((id(obj), k))
-                if line:
-                    lines[prefix + (k,)] = line
-                walk(v, prefix + (k,))
-        elif isinstance(obj, list):
-            for i, v in enumerate(obj):
-                if isinstance(v, dict) and v:  # a list item's line: its first key's line
-                    first = loader.key_lines.get((id(v), next(iter(v))))
-                    if first:
-                        lines[prefix + (i,)] = first
-                walk(v, prefix + (i,))
-
-    walk(data, ())
-    return data, lines
-
-
 def _merge(parent: Any, child: Any) -> Any:
     if isinstance(parent, dict) and isinstance(child, dict):
         merged = dict(parent)
@@ -244,8 +182,14 @@ def _merge(parent: Any, child: Any) -> Any:
 
 
 def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
-    """A recipe name (`qwythos-9b`) or a path (`x/y.yaml`) → the recipe file."""
-    if ref.endswith((".yaml", ".yml")) or os.sep in ref:
+    """A recipe name (`qwythos-9b`) or a path (`x/y.yaml`) → the recipe file.
+
+    Only recipes are named: a bare name, or a path ending in .yaml/.yml. Anything else
+    (`/etc/shadow`) is refused before it is opened, so no line of a foreign file is echoed."""
+    is_path = ref.endswith((".yaml", ".yml")) or os.sep in ref or (os.altsep or os.sep) in ref
+    if not ref or "\0" in ref or (is_path and not ref.endswith((".yaml", ".yml"))):
+        raise RecipeError(f"{ref!r} is not a recipe: give a recipe name or a path ending in .yaml or .yml")
+    if is_path:
         candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
     else:
         dirs = [d for d in (relative_to, Path.cwd() / "recipes", PACKAGED_RECIPES) if d is not None]
@@ -260,7 +204,7 @@ def _load_chain(path: Path, seen: tuple[Path, ...]) -> tuple[dict, dict[tuple, t
     if path in seen:
         cycle = " -> ".join(p.name for p in seen + (path,))
         raise RecipeError(f"{seen[-1]}: 'extends' forms a cycle: {cycle}")
-    data, lines = _read_yaml(path)
+    data, lines = read_yaml(path)
     where = {k: (path, line) for k, line in lines.items()}
     files = (path,)
     base_ref = data.pop("extends", None)
@@ -323,10 +267,24 @@ def load_recipe(ref: str | Path) -> Recipe:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        rule = _rule_name(data, loc)
+        if rule and loc[-1] == "match" and msg.startswith("regular expression"):
+            msg = f"rule '{rule}': {msg}"
         more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{_locate(where, loc, path)}: {key}: {msg}{more}") from None
     _check_tables(recipe, where, path)
     return recipe
+
+
+def _rule_name(data: Any, loc: tuple) -> Optional[str]:
+    """The `name` of the rule (mapping) holding the key at `loc`, if there is one."""
+    for part in loc[:-1]:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    name = data.get("name") if isinstance(data, dict) else None
+    return name[:80] if isinstance(name, str) else None
 
 
 def _check_tables(recipe: Recipe, where: dict, path: Path) -> None:
@@ -352,6 +310,6 @@ def recipe_line(recipe: Recipe, *key: Any) -> str:
     """'file:line' of a key path in a loaded recipe (best effort, for plan-time errors)."""
     where: dict = {}
     for f in recipe.recipe_files:
-        _, lines = _read_yaml(Path(f))
+        _, lines = read_yaml(Path(f))
         where.update({k: (Path(f), v) for k, v in lines.items()})
     return _locate(where, key, Path(recipe.recipe_file))

@@ -31,14 +31,15 @@ def demo_recipe(directory: Path, out: Path | None = None, extra: str = "", name:
 
 
 def run_doit(recipe: Path | str, cwd: Path, cache: Path | None = None, env: dict | None = None,
-             args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run `doit build recipe=...` for real, in a subprocess, with its cache under `cache`."""
+             args: tuple[str, ...] = (), timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run `doit build recipe=...` for real, in a subprocess, with its cache under `cache`;
+    past `timeout` seconds it is killed and subprocess.TimeoutExpired fails the test."""
     full_env = dict(os.environ)
     full_env["FORGEKIT_CACHE"] = str(cache or cwd / "cache")
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "-d", str(cwd), *args,
            "build", f"recipe={recipe}"]
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def ran_tasks(proc: subprocess.CompletedProcess) -> list[str]:

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from conftest import BODY, HEAD_GGUF, ROOT, run_doit  # noqa: E402
-from test_corpus import CASES, GOOD, auto_map_config  # noqa: E402
+from test_corpus import CASES, GOOD, auto_map_config, write_recipe_text  # noqa: E402
 
 
 def run_case(setup) -> tuple[int, str]:
@@ -27,7 +27,7 @@ def run_case(setup) -> tuple[int, str]:
         shutil.copytree(BODY, tmp / "body")
         shutil.copy(HEAD_GGUF, tmp / "head.gguf")
         text = setup(tmp).replace("{body}", str(tmp / "body")).replace("{gguf}", str(tmp / "head.gguf"))
-        (tmp / "recipe.yaml").write_text(text)
+        write_recipe_text(tmp / "recipe.yaml", text)
         proc = run_doit(tmp / "recipe.yaml", tmp)
         lines = [line for line in (proc.stdout + proc.stderr).splitlines()
                  if line.strip() and not line.startswith((".  ", "TaskFailed", "  built ", "  cached "))]

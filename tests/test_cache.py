@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from conftest import BODY, BODY_WITH_MTP, DEMO_RECIPE, HEAD_GGUF, ran_tasks, run_doit, write_recipe
-from forgekit.build import store as cache_mod
+from forgekit.build import memo as cache_mod
 from forgekit.build.gc import cache_gc, cache_ls, cache_verify
-from forgekit.build.store import ObjectStore, StatMemo
+from forgekit.build.memo import StatMemo
+from forgekit.build.store import ObjectStore
 from forgekit.fileio import make_temp, stale_temp
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import DEMO_RECIPE, ROOT, ran_tasks, run_doit, write_recipe
 from forgekit.build.gc import cache_verify
-from forgekit.build.store import hash_file
+from forgekit.build.memo import hash_file
 
 SLOW_PIECES = {"FORGEKIT_TEST_PIECE_DELAY": "0.02"}   # ~130 pieces: the build holds the lock for seconds
 WAITING = re.compile(r"^forgekit: .*/out: another build is writing this output \(pid \d+\); waiting for it to finish$")

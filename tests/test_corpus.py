@@ -199,6 +199,89 @@ def auto_map_config(tmp):
     (tmp / "body" / "evil.py").write_text(f"open({str(tmp / 'PWNED')!r}, 'w').write('x')\n")
 
 
+# ------------------------------------------------------------ hostile input (bounded work, one line)
+
+def alias_bomb(section: str) -> str:
+    """Nine-fold fan-out over seven levels: 9**7 (4.7 million) values once every alias is expanded."""
+    levels = "".join(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 7))
+    return good() + f"{section}:\n  l0: &l0 [x, x, x, x, x, x, x, x, x]\n" + levels + "  all: [*l6, *l6, *l6, *l6, *l6, *l6, *l6, *l6, *l6]\n"
+
+
+def recipe_bytes(raw: bytes):
+    """A recipe holding raw bytes (carried through the text as surrogate escapes, see `write_recipe_text`)."""
+    def setup(tmp):
+        return good() + raw.decode("utf-8", "surrogateescape")
+    return setup
+
+
+def foreign_extends(tmp):
+    (tmp / "secret").write_text("SECRET-LINE-ONE: do not print\n")
+    return f"extends: {tmp / 'secret'}\nname: x\n"
+
+
+def remove_index(tmp):
+    (tmp / "body" / "model.safetensors.index.json").unlink()
+
+
+def fifo_shard_no_index(tmp):
+    import os
+    remove_index(tmp)
+    os.mkfifo(tmp / "body" / "model-zzz.safetensors")
+
+
+def fifo_config(tmp):
+    import os
+    (tmp / "body" / "config.json").unlink()
+    os.mkfifo(tmp / "body" / "config.json")
+
+
+def edit_first_entry(**fields):
+    def doctor(tmp):
+        def edit(h):
+            h[first_tensor(h)].update(fields)
+        rewrite_header(first_shard(tmp), edit)
+    return doctor
+
+
+def first_entry_not_object(tmp):
+    def edit(h):
+        h[first_tensor(h)] = "BF16"
+    rewrite_header(first_shard(tmp), edit)
+
+
+def shape_overflow(tmp):
+    """A shape whose product overflows int64 but wraps (in int64) to a small byte count."""
+    def edit(h):
+        e = h[first_tensor(h)]
+        e["shape"] = [2**32, 2**32, 2]
+    rewrite_header(first_shard(tmp), edit)
+
+
+def edit_config(value):
+    def doctor(tmp):
+        (tmp / "body" / "config.json").write_text(json.dumps(value(json.loads((tmp / "body" / "config.json").read_text()))))
+    return doctor
+
+
+def remove_config(tmp):
+    (tmp / "body" / "config.json").unlink()
+
+
+def index_shard_named(name):
+    def doctor(tmp):
+        idx = tmp / "body" / "model.safetensors.index.json"
+        data = json.loads(idx.read_text())
+        first = next(iter(data["weight_map"]))
+        data["weight_map"][first] = name
+        idx.write_text(json.dumps(data))
+    return doctor
+
+
+def index_weight_map_list(tmp):
+    idx = tmp / "body" / "model.safetensors.index.json"
+    idx.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
+
+
 CASES = [
     # ---- recipes
     ("yaml-invalid", recipe_only("name: [unclosed\n"), r"recipe\.yaml:\d+: "),
@@ -269,7 +352,62 @@ CASES = [
     ("gguf-wrong-arch", doctor_body(gguf_wrong_arch), r"head\.gguf: GGUF architecture 'llama' declares no MTP head"),
     ("gguf-no-head-tensors", doctor_body(gguf_no_head), r"rule 'mtp-fc' matched no tensor of source 'mtp' .*head\.gguf"),
     ("gguf-head-wrong-shapes", doctor_body(gguf_head_wrong_shapes), r"mtp\.fc\.weight.*shape"),
+    # ---- hostile input: refused while planning (exit 2) in one line within HOSTILE_TIMEOUT seconds (BOUNDED)
+    # recipes: bounded loading, one line naming file:line (and key)
+    ("yaml-alias-bomb-runtime", recipe_only(alias_bomb("runtime")), r"recipe\.yaml:\d+: runtime\.all[.\d]*: aliases expand to more than \d+ values"),
+    ("yaml-alias-bomb-config", recipe_only(alias_bomb("config")), r"recipe\.yaml:\d+: config\.all[.\d]*: aliases expand to more than \d+ values"),
+    ("yaml-recursive-alias", recipe_only(good() + "runtime: &r {loop: *r}\n"), r"recipe\.yaml:7: runtime\.loop: .*recursive alias"),
+    ("yaml-deep-nesting", recipe_only(good() + "runtime: {x: " + "[" * 5000 + "]" * 5000 + "}\n"), r"recipe\.yaml:7: nested more than \d+ levels deep"),
+    ("yaml-nul-byte", recipe_bytes(b"description: a\x00b\n"), r"recipe\.yaml:7: NUL byte in the recipe"),
+    ("yaml-non-utf8", recipe_bytes(b"description: caf\xe9\n"), r"recipe\.yaml:7: not UTF-8 text \(byte 0xe9\)"),
+    ("yaml-date-value", recipe_only(good() + "config:\n  set: {release: 2024-01-01}\n"),
+     r"recipe\.yaml:8: config\.set\.release: '2024-01-01' is read by YAML as a date; quote it"),
+    ("yaml-binary-value", recipe_only(good() + "runtime: {blob: !!binary aGVsbG8=}\n"),
+     r"recipe\.yaml:7: YAML tags are not allowed \(!!binary\) at 'runtime\.blob'"),
+    ("yaml-set-value", recipe_only(good() + "verify:\n  - {step: structural, params: {x: !!set {a, b}}}\n"),
+     r"recipe\.yaml:8: YAML tags are not allowed \(!!set\) at 'verify\.0\.params\.x'"),
+    ("yaml-merge-key", recipe_only(good() + "runtime:\n  base: &b {x: 1}\n  more:\n    <<: *b\n"),
+     r"recipe\.yaml:10: runtime\.more: YAML merge keys \('<<'\) are not supported"),
+    ("yaml-nan-value", recipe_only(good() + "runtime: {temp: .nan}\n"), r"recipe\.yaml:7: runtime\.temp: '\.nan' is not a finite number"),
+    ("yaml-non-text-key", recipe_only(good() + "config:\n  set: {1: x}\n"), r"recipe\.yaml:8: config\.set: mapping key '1' is not text; quote it"),
+    ("extends-foreign-file", foreign_extends, r"recipe\.yaml:1: extends: '.*secret' is not a recipe: give a recipe name or a path ending in \.yaml"),
+    ("regex-nested-quantifier", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: '(a+)+b', to: x}\n"),
+     r"recipe\.yaml:9: remap\.body\.0\.match: rule 'a': regular expression '\(a\+\)\+b' can backtrack catastrophically \(a quantifier nested"),
+    ("regex-ambiguous-alternation", recipe_only(good() + "quantization:\n  rules:\n    - {name: q, match: '(a|ab)*c', quantize: false}\n"),
+     r"recipe\.yaml:9: quantization\.rules\.0\.match: rule 'q': regular expression .* can backtrack catastrophically \(alternatives"),
+    ("regex-many-wide-repeats", recipe_only(good().replace("{dir: out}", "{dir: out, sidecars: [{match: '.*a.*a.*a.*b', file: x.safetensors}]}")),
+     r"recipe\.yaml:6: output\.sidecars\.0\.match: regular expression .* can backtrack catastrophically \(4 unbounded repeats"),
+    # sources: refused unopened, or with the file and tensor named
+    ("st-fifo-no-index", doctor_body(fifo_shard_no_index), r"model-zzz\.safetensors: safetensors file is not a regular file"),
+    ("config-fifo", doctor_body(fifo_config), r"config\.json: config\.json is not a regular file"),
+    ("st-shape-float", doctor_body(edit_first_entry(shape=[2.5, 4])), r"safetensors: tensor '.*': shape must be a list of at most 8 non-negative integers"),
+    ("st-shape-string", doctor_body(edit_first_entry(shape="64")), r"safetensors: tensor '.*': shape must be a list"),
+    ("st-offsets-float", doctor_body(edit_first_entry(data_offsets=[0.0, 8.5])), r"safetensors: tensor '.*': data_offsets must be two non-negative integers"),
+    ("st-offsets-string", doctor_body(edit_first_entry(data_offsets=["0", "8"])), r"safetensors: tensor '.*': data_offsets must be two"),
+    ("st-offsets-negative", doctor_body(edit_first_entry(data_offsets=[-8, 0])), r"safetensors: tensor '.*': data_offsets must be two non-negative"),
+    ("st-dtype-list", doctor_body(edit_first_entry(dtype=["BF16"])), r"safetensors: tensor '.*': dtype must be a string, got list"),
+    ("st-entry-not-object", doctor_body(first_entry_not_object), r"safetensors: tensor '.*': malformed header entry \(not an object\)"),
+    ("st-shape-overflow", doctor_body(shape_overflow), r"safetensors: tensor '.*': BF16\[4294967296, 4294967296, 2\] needs \d{20,} bytes"),
+    ("config-is-list", doctor_body(edit_config(lambda c: [c])), r"body/config\.json: must be a JSON object, got list"),
+    ("config-text-config-string", doctor_body(edit_config(lambda c: {**c, "text_config": "qwen"})),
+     r"body/config\.json: 'text_config' must be a JSON object, got str"),
+    ("config-missing", doctor_body(remove_config), r"body/config\.json: the body source's config\.json is missing"),
+    ("index-absolute-shard", doctor_body(index_shard_named("/etc/passwd.safetensors")),
+     r"index\.json: shard '/etc/passwd\.safetensors' is not a \*\.safetensors file inside the model directory"),
+    ("index-dotdot-shard", doctor_body(index_shard_named("../head.safetensors")),
+     r"index\.json: shard '\.\./head\.safetensors' is not a \*\.safetensors file inside the model directory"),
+    ("index-weight-map-list", doctor_body(index_weight_map_list), r"index\.json: not a valid safetensors index"),
 ]
+
+
+FIRST_HOSTILE = "yaml-alias-bomb-runtime"
+BOUNDED = {c[0] for c in CASES[[c[0] for c in CASES].index(FIRST_HOSTILE):]}
+HOSTILE_TIMEOUT = 10
+
+
+def write_recipe_text(path, text: str) -> None:
+    """Write a case's recipe; surrogate escapes become the raw (non-UTF-8) bytes they stand for."""
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
 
 
 @pytest.fixture
@@ -282,10 +420,14 @@ def sandbox(tmp_path):
 @pytest.mark.parametrize("case_id,setup,expected", CASES, ids=[c[0] for c in CASES])
 def test_corpus_case(sandbox, case_id, setup, expected):
     text = setup(sandbox).replace("{body}", str(sandbox / "body")).replace("{gguf}", str(sandbox / "head.gguf"))
-    (sandbox / "recipe.yaml").write_text(text)
-    proc = run_doit(sandbox / "recipe.yaml", sandbox)
+    write_recipe_text(sandbox / "recipe.yaml", text)
+    bounded = case_id in BOUNDED  # hostile input: must end fast (a hang fails as TimeoutExpired), in one line
+    proc = run_doit(sandbox / "recipe.yaml", sandbox, timeout=HOSTILE_TIMEOUT if bounded else 900)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, output
+    if bounded:
+        assert proc.returncode == 2 and len([ln for ln in output.splitlines() if ln.strip()]) == 1, output
+        assert "SECRET-LINE" not in output
     assert "Traceback" not in output, output
     assert re.search(expected, output), f"expected /{expected}/ in:\n{output}"
     assert not (sandbox / "PWNED").exists()

@@ -30,7 +30,7 @@ import pytest
 
 from conftest import DEMO_RECIPE, HEAD_GGUF, ROOT, ran_tasks, run_doit, write_recipe
 from forgekit.build.gc import cache_verify
-from forgekit.build.store import hash_file
+from forgekit.build.memo import hash_file
 from forgekit.faults import POINTS
 
 # Helpers on, tiny jobs, sources hashed on the pool: every worker-side point is reachable.

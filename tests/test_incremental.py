@@ -209,7 +209,7 @@ def test_tampered_cache_object_is_detected_and_rebuilt(built, restore_mtime):
     assert shards_ran(proc) == [target], proc.stdout
     assert f"built {target}:" in proc.stdout
     assert model_bytes(out) == model_bytes_of(before), "a corrupt object was served"
-    from forgekit.build.store import hash_file
+    from forgekit.build.memo import hash_file
 
     assert hash_file(obj) == record["digest"]
     # A tampered object is never served into a fresh output either.

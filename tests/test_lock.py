@@ -14,7 +14,7 @@ import pytest
 from test_hub import populate_hub_cache
 
 from conftest import BODY, HEAD_GGUF, run_doit, write_recipe
-from forgekit.build.store import hash_file
+from forgekit.build.memo import hash_file
 from forgekit.cli import main
 from forgekit.build.lock import lock_differences
 

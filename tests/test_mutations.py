@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, demo_recipe, run_doit
-from forgekit.build.store import StatMemo
+from forgekit.build.memo import StatMemo
 from forgekit.errors import VerifyError
 from forgekit.build.store import MANIFEST
 from forgekit.verify import verify_directory

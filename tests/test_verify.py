@@ -19,7 +19,7 @@ from forgekit.verify.norms import gguf_convention, head_is_zero_centred, mtplx_s
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-STEPS = ["structural", "norms", "load", "parity", "mtp"]
+STEPS = ["structural", "norms", "load", "parity", "mtp", "mtplx"]   # mtplx reports itself skipped without mtplx
 DEPTH_THRESHOLDS = [0.95, 0.90, 0.85]
 
 

@@ -24,7 +24,8 @@ from .. import __version__, settings
 from ..faults import checkpoint
 from ..plan import BuildPlan
 from . import outputs
-from .store import FORMAT_VERSION, StatMemo, key_of
+from .memo import StatMemo, key_of
+from .store import FORMAT_VERSION
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # The code that decides the non-tensor output (meta files, verification, staging and

@@ -31,7 +31,7 @@ from pathlib import Path
 from ..errors import ForgeError
 from ..fileio import atomic_write_bytes
 from .outputs import copied_files
-from .store import StatMemo
+from .memo import StatMemo
 
 LOCK_VERSION = 1
 LOCATION_KEYS = ("repo", "path", "file", "revision")

@@ -75,9 +75,30 @@ def source_summary(plan: BuildPlan, digests: dict[str, dict[str, str]]) -> list[
     return out
 
 
+def steps_run(verification: dict) -> list[str]:
+    """The verify steps that actually checked something (a skipped step did not)."""
+    results = verification.get("results")
+    if results is None:
+        return list(verification.get("steps", []))
+    return [r["step"] for r in results if not r.get("skipped")]
+
+
+def mtplx_runtime_check(verification: dict) -> dict:
+    """What the `mtplx` step established: ran (with where and the numbers), skipped (why), or not run."""
+    result = next((r for r in verification.get("results", []) if r.get("step") == "mtplx"), None)
+    if result is None:
+        return {"status": "not_run", "reason": "the recipe has no mtplx verify step"}
+    if result.get("skipped"):
+        return {"status": "skipped", "reason": result["skipped"]}
+    s = result.get("summary", {})
+    return {"status": "passed" if result.get("passed") else "failed",
+            **{k: s.get(k) for k in ("mtplx", "device", "metal_available", "mlx", "acceptance",
+                                     "tokens_per_verify", "equals_ar")}}
+
+
 def verification_status(verification: dict) -> str:
     """Only a passed MTP acceptance probe earns a verified status; MTPLX treats `unverified_*` as unverified."""
-    steps = verification.get("steps", [])
+    steps = steps_run(verification)
     if not steps:
         return "unverified_no_forgekit_checks_ran"
     if not verification.get("passed", False):
@@ -92,12 +113,14 @@ def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
     rt = copy.deepcopy(plan.recipe.runtime)
     rt["exactness_baseline"] = {
         "status": verification_status(verification),
-        "method": "forgekit verify steps on CPU (mlx-cpu): " + ", ".join(verification.get("steps", [])),
+        "method": "forgekit verify steps on CPU (mlx-cpu): " + ", ".join(steps_run(verification)),
+        "skipped": {r["step"]: r["skipped"] for r in verification.get("results", []) if r.get("skipped")},
         "results": verification.get("summary", {}),
         "speed": "not measured: tok/s needs an Apple GPU; run `mtplx forge verify DIR --stamp` on a Mac",
     }
     rt["verified_on"] = {"machine": f"{platform.system()} {platform.machine()}", "device": "cpu",
-                         "tool": f"forgekit {__version__}", "python": platform.python_version()}
+                         "tool": f"forgekit {__version__}", "python": platform.python_version(),
+                         "mtplx_runtime": mtplx_runtime_check(verification)}
     rt["provenance"] = {"recipe": plan.recipe.name, "sources": source_summary(plan, digests)}
     return rt
 

@@ -21,7 +21,7 @@ from .. import settings
 from ..errors import ForgeError
 from ..faults import checkpoint
 from .compute import Job, Workspace, run_job
-from .store import hash_file
+from .memo import hash_file
 
 # The one piece of state a helper process keeps for its lifetime: its descriptors and
 # buffers. multiprocessing.Pool calls plain functions, so it cannot be passed in.

@@ -22,7 +22,8 @@ from . import outputs
 from .keys import BuildKeys
 from .lock import write_lock
 from .stage import ensure_staged, inode_mates, staged, staging_dir
-from .store import MANIFEST, ObjectStore, OutputRegistry, StatMemo, hash_file, read_manifest, references
+from .memo import StatMemo, hash_file
+from .store import MANIFEST, ObjectStore, OutputRegistry, read_manifest, references
 
 
 def run_verify(plan: BuildPlan, index: int, bodies=None) -> dict:

@@ -28,7 +28,8 @@ from ..plan.quant import ROW_CHUNK_BYTES, row_chunks
 from ..sources import TensorSource
 from .compute import VIA_SOURCE, Job, Piece, RawRef, Workspace, run_piece
 from .pool import WorkerPool
-from .store import hash_file, read_manifest
+from .memo import hash_file
+from .store import read_manifest
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from ..plan import BuildPlan
 from . import outputs
 from .keys import BuildKeys
 from .shard import build_into_store
-from .store import ObjectStore, StatMemo, hash_bytes, place_file, read_manifest, references
+from .memo import StatMemo, hash_bytes
+from .store import ObjectStore, place_file, read_manifest, references
 
 STAGED = ".forgekit/staged.json"     # inside the staging dir: what stage put there
 

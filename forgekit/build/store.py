@@ -1,17 +1,13 @@
-"""Content addressing: xxh3 fingerprints, a stat memo, the object store under cache/,
-and the registry of published outputs (`cache ls` / `cache gc` are in gc.py).
+"""The object store under cache/objects/ and the registry of published outputs.
 
-- File digests are memoised by (path, size, mtime_ns, ctime_ns, inode): an unchanged
-  source is never re-read to decide that nothing changed, and an edited file is re-hashed
-  even if its size and mtime were put back (ctime cannot be set by a user). Our own hard
-  links change ctime without changing bytes: `StatMemo.preserving` carries the digests of
-  the paths involved across those operations (only entries valid before the operation).
-  `cache_verify` re-hashes every object regardless.
 - Objects are written to a temp name and renamed; each has a sidecar record of its
   digest, and a reused object is checked against it (via the stat memo) before use.
 - Every published output is registered (cache/outputs.sqlite3); its manifest names the
-  objects it was assembled from. `cache_gc` keeps exactly the objects some registered,
-  still-existing output references (see its docstring).
+  objects it was assembled from (`gc.py` keeps exactly the objects some registered,
+  still-existing output references or a running build has leased).
+- The store is listed, never globbed: a name read from disk is used only when it fully
+  matches one of the exact patterns forgekit writes, only regular files are ever removed,
+  and symlinks (to files or directories) are never followed.
 """
 
 from __future__ import annotations
@@ -19,157 +15,48 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
-import sqlite3
+import stat
 import time
-from contextlib import contextmanager
 from pathlib import Path
-
-import xxhash
 
 from .. import settings
 from ..faults import checkpoint
 from ..fileio import atomic_write_json, make_temp, stale_temp
+from .memo import StatMemo, _sqlite, check_sqlite, warn
 
 FORMAT_VERSION = 2          # bump when the bytes a shard object holds change for the same plan
-READ_CHUNK = 8 * 2**20
-
-
 MANIFEST = ".forgekit/manifest.json"   # inside a published output dir
 
 
-
-def canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def key_of(obj) -> str:
-    """Action key: xxh3_128 of canonical JSON."""
-    return xxhash.xxh3_128_hexdigest(canonical(obj))
+# Exact names forgekit writes under cache/objects/; gc and verify touch nothing else.
+SHARD_DIR_RE = re.compile(r"[0-9a-f]{2}")
+KEY_RE = re.compile(r"[0-9a-f]{32}")                                   # xxh3_128 hex
+STORE_FILE_RE = re.compile(r"(?P<key>[0-9a-f]{32})\.(?P<kind>safetensors|json)")
+TEMP_FILE_RE = re.compile(r"\.(?P<key>[0-9a-f]{32})(?:\.json)?\.[0-9]+\.[a-z0-9_]+\.tmp")   # make_temp names
+OBJECT_SUFFIX = "safetensors"
 
 
-def hash_bytes(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
-
-
-HASH_WINDOW = 64 * 2**20
-
-
-def hash_file(path: Path) -> str:
-    """xxh3_128 of a file's bytes.
-
-    Large files are hashed through 64 MiB memory-map windows (about twice as fast as read():
-    no copy out of the page cache; resident memory stays one window), small ones with read().
-    """
-    import mmap
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        offset = 0
-        if size >= HASH_WINDOW:
-            try:
-                while offset < size:
-                    n = min(HASH_WINDOW, size - offset)
-                    with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset) as m:
-                        h.update(m)
-                    offset += n
-                    checkpoint("cache.hash")
-            except (OSError, ValueError):
-                pass  # fall back to read() from where we are
-        f.seek(offset)
-        buf = bytearray(READ_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(view):
-            h.update(view[:n])
-            checkpoint("cache.hash")
-    return h.hexdigest()
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
-@contextmanager
-def _sqlite(path: Path, schema: str):
-    db = sqlite3.connect(path, timeout=60)
+def _real_dir_fd(name, dir_fd: int | None = None) -> int | None:
+    """A descriptor of the directory `name` if it is a real directory (a symlink is not opened)."""
     try:
-        db.execute(schema)
-        yield db
-        db.commit()
-    finally:
-        db.close()
-
-
-class StatMemo:
-    """(path, size, mtime_ns, ctime_ns, inode) -> digest, in one sqlite file (safe across processes)."""
-
-    SCHEMA = ("CREATE TABLE IF NOT EXISTS memo2 (path TEXT PRIMARY KEY, size INT, mtime INT, ctime INT, "
-              "inode INT, digest TEXT)")
-
-    def __init__(self, root: Path | None = None):
-        root = root or settings.cache_root()
-        root.mkdir(parents=True, exist_ok=True)
-        self.path = root / "stat-memo.sqlite3"
-
-    def _db(self):
-        return _sqlite(self.path, self.SCHEMA)
-
-    def lookup(self, path: Path, st: os.stat_result | None = None) -> str | None:
-        """The memoised digest if the file is unchanged since it was recorded, else None."""
-        path = Path(path).resolve()
-        st = st or path.stat()
-        with self._db() as db:
-            row = db.execute("SELECT size, mtime, ctime, inode, digest FROM memo2 WHERE path=?",
-                             (str(path),)).fetchone()
-        if row and tuple(row[:4]) == _stat_key(st):
-            return row[4]
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
         return None
 
-    def digest(self, path: Path) -> str:
-        path = Path(path).resolve()
-        st = path.stat()
-        known = self.lookup(path, st)
-        if known is not None:
-            return known
-        digest = hash_file(path)
-        after = path.stat()
-        if _stat_key(after) == _stat_key(st):  # not modified while we read it
-            self.remember(path, digest, after)
-        return digest
 
-    def remember(self, path: Path, digest: str, st: os.stat_result | None = None) -> None:
-        path = Path(path).resolve()
-        st = st or path.stat()
-        checkpoint("memo.remember")
-        with self._db() as db:
-            db.execute("INSERT OR REPLACE INTO memo2 VALUES (?,?,?,?,?,?)", (str(path), *_stat_key(st), digest))
+def _valid_record(data) -> bool:
+    """A record as commit writes it: a JSON object with a str digest, an int size, numeric times."""
+    if not isinstance(data, dict) or not isinstance(data.get("digest"), str):
+        return False
+    if type(data.get("size")) is not int:
+        return False
+    return all(isinstance(data.get(k, 0.0), (int, float)) and not isinstance(data.get(k), bool)
+               for k in ("created", "last_used"))
 
-    @contextmanager
-    def preserving(self, paths):
-        """Keep the memo entries of `paths` across a link/unlink we make (it changes ctime, not bytes).
 
-        Only entries that are valid before the operation are carried over, so a file that was
-        modified earlier is still re-hashed.
-        """
-        before = {}
-        for p in paths:
-            try:
-                digest = self.lookup(p)
-            except OSError:
-                continue
-            if digest is not None:
-                before[Path(p)] = digest
-        yield
-        for p, digest in before.items():
-            try:
-                self.remember(p, digest)
-            except OSError:
-                pass
-
-    def forget(self, path: Path) -> None:
-        with self._db() as db:
-            db.execute("DELETE FROM memo2 WHERE path=?", (str(Path(path).resolve()),))
+_WARNED: set[str] = set()
 
 
 class ObjectStore:
@@ -180,27 +67,44 @@ class ObjectStore:
         self.root = self.base / "objects"
         self.memo = StatMemo(self.base)
 
-    def path(self, key: str, suffix: str = "safetensors") -> Path:
+    def path(self, key: str, suffix: str = OBJECT_SUFFIX) -> Path:
         return self.root / key[:2] / f"{key}.{suffix}"
 
     def record_path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
 
-    def record(self, key: str) -> dict | None:
+    def _read_record(self, key: str) -> tuple[dict | None, bool]:
+        """(record, corrupt): (None, False) when there is none, (None, True) when it cannot be used."""
         try:
-            return json.loads(self.record_path(key).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+            data = json.loads(self.record_path(key).read_bytes())
+        except FileNotFoundError:
+            return None, False
+        except (OSError, ValueError):
+            return None, True
+        return (data, False) if _valid_record(data) else (None, True)
 
-    def valid(self, key: str, suffix: str = "safetensors") -> bool:
-        """The object exists and its bytes still hash to the recorded digest."""
+    def record(self, key: str) -> dict | None:
+        return self._read_record(key)[0]
+
+    def valid(self, key: str, suffix: str = OBJECT_SUFFIX) -> bool:
+        """The object is a regular file whose bytes still hash to the recorded digest.
+
+        A record that is not a valid record (not JSON, not an object, wrong field types) makes
+        the object invalid: it is rebuilt and its record rewritten, with one warning line."""
         obj = self.path(key, suffix)
-        record = self.record(key)
-        if record is None or not obj.is_file():
+        record, corrupt = self._read_record(key)
+        if corrupt and str(obj) not in _WARNED:
+            _WARNED.add(str(obj))
+            warn(f"{self.record_path(key)} is not a valid cache record; its object is rebuilt")
+        try:
+            st = os.lstat(obj)
+        except OSError:
             return False
-        return obj.stat().st_size == record.get("size") and self.memo.digest(obj) == record.get("digest")
+        if record is None or not stat.S_ISREG(st.st_mode):
+            return False
+        return st.st_size == record["size"] and self.memo.digest(obj) == record["digest"]
 
-    def commit(self, key: str, tmp_file: Path, digest: str, suffix: str = "safetensors", **info) -> Path:
+    def commit(self, key: str, tmp_file: Path, digest: str, suffix: str = OBJECT_SUFFIX, **info) -> Path:
         """Move a finished temp file into the store and record its digest."""
         obj = self.path(key, suffix)
         obj.parent.mkdir(parents=True, exist_ok=True)
@@ -231,34 +135,93 @@ class ObjectStore:
         self.remove_stale_temps(key)
         return make_temp(self.root / key[:2], key)
 
+    # -- listing and removing: only regular files with forgekit's names, never through a symlink
+
+    def files(self, shard: str | None = None):
+        """(shard dir name, file name, lstat) of every regular file in the real shard dirs.
+
+        Shard dirs must be named like forgekit names them and be directories themselves: a
+        symlink (to a directory or a file) is skipped, never followed."""
+        root_fd = _real_dir_fd(self.root)
+        if root_fd is None:
+            return
+        try:
+            for d in [shard] if shard is not None else sorted(os.listdir(root_fd)):
+                if not SHARD_DIR_RE.fullmatch(d):
+                    continue
+                fd = _real_dir_fd(d, dir_fd=root_fd)
+                if fd is None:
+                    continue
+                try:
+                    for name in sorted(os.listdir(fd)):
+                        try:
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        if stat.S_ISREG(st.st_mode):
+                            yield d, name, st
+                finally:
+                    os.close(fd)
+        finally:
+            os.close(root_fd)
+
+    def unlink(self, shard: str, name: str) -> int:
+        """Remove `objects/<shard>/<name>` if it is a regular file in a real shard dir; bytes freed."""
+        root_fd = _real_dir_fd(self.root)
+        if root_fd is None:
+            return 0
+        try:
+            fd = _real_dir_fd(shard, dir_fd=root_fd)
+            if fd is None:
+                return 0
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISREG(st.st_mode):
+                    return 0
+                os.unlink(name, dir_fd=fd)
+                return st.st_size
+            except OSError:
+                return 0
+            finally:
+                os.close(fd)
+        finally:
+            os.close(root_fd)
+
     def temps(self, key: str | None = None) -> list[Path]:
-        pattern = f"{key[:2]}/.{key}.*.tmp" if key else "*/.*.tmp"
-        return sorted(self.root.glob(pattern))
+        """Temp files of make_temp in the store (all of them, or those of one key)."""
+        if key is None:
+            pattern, shard = TEMP_FILE_RE, None
+        else:
+            pattern, shard = re.compile(rf"\.{re.escape(key)}(?:\.json)?\.[0-9]+\.[a-z0-9_]+\.tmp"), key[:2]
+        return [self.root / d / name for d, name, _ in self.files(shard) if pattern.fullmatch(name)]
 
     def remove_stale_temps(self, key: str | None = None) -> int:
         """Delete temp files left by killed builds (writer pid gone); returns bytes freed."""
-        freed = 0
-        for p in self.temps(key):
-            if stale_temp(p):
-                try:
-                    freed += p.stat().st_size
-                    p.unlink()
-                except OSError:
-                    pass
-        return freed
+        return sum(self.unlink(p.parent.name, p.name) for p in self.temps(key) if stale_temp(p))
 
-    def entries(self) -> list[tuple[str, dict]]:
+    def entries(self) -> list[tuple[str, dict | None]]:
+        """(key, record) for every record file; record None when it is not a valid record."""
         out = []
-        for rec in sorted(self.root.glob("*/*.json")):
-            try:
-                out.append((rec.stem, json.loads(rec.read_text())))
-            except (OSError, json.JSONDecodeError):
-                out.append((rec.stem, {}))
+        for d, name, _ in self.files():
+            m = STORE_FILE_RE.fullmatch(name)
+            if m and m["kind"] == "json" and name[:2] == d:
+                out.append((m["key"], self.record(m["key"])))
         return out
 
-    def remove(self, key: str) -> None:
-        for p in self.root.glob(f"{key[:2]}/{key}.*"):
-            p.unlink(missing_ok=True)
+    def objects(self) -> dict[str, os.stat_result]:
+        """key -> lstat of every object file (regular, correctly named and placed)."""
+        found = {}
+        for d, name, st in self.files():
+            m = STORE_FILE_RE.fullmatch(name)
+            if m and m["kind"] == OBJECT_SUFFIX and name[:2] == d:
+                found[m["key"]] = st
+        return found
+
+    def remove(self, key: str) -> int:
+        """Remove an object and its record (regular files only); bytes freed."""
+        if not KEY_RE.fullmatch(key):
+            raise ValueError(f"not an object key: {key!r}")
+        return self.unlink(key[:2], f"{key}.{OBJECT_SUFFIX}") + self.unlink(key[:2], f"{key}.json")
 
 
 def place_file(src: Path, dst: Path, link: bool = True) -> str:
@@ -311,34 +274,43 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 class OutputRegistry:
-    """Output directories published with this cache: dir -> (recipe, build key, time)."""
+    """Output directories published with this cache: dir -> (recipe, build key, time).
+
+    A corrupt registry is refused with one line (CorruptStateFile), not silently replaced:
+    it is what tells gc which objects published outputs use, so an empty one would make gc
+    treat them all as unreferenced. The user decides to remove it."""
 
     SCHEMA = "CREATE TABLE IF NOT EXISTS outputs (dir TEXT PRIMARY KEY, recipe TEXT, build_key TEXT, published REAL)"
+    REMEDY = ("remove it; each output registers again when it is next built (until then `forgekit cache gc` "
+              "counts its objects as unreferenced)")
 
     def __init__(self, root: Path | None = None):
         root = root or settings.cache_root()
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / "outputs.sqlite3"
 
+    def check(self) -> None:
+        check_sqlite(self.path, self.REMEDY)
+
     def add(self, directory: Path, recipe: str, build_key: str) -> None:
-        with _sqlite(self.path, self.SCHEMA) as db:
+        with _sqlite(self.path, self.SCHEMA, self.REMEDY) as db:
             db.execute("INSERT OR REPLACE INTO outputs VALUES (?,?,?,?)",
                        (str(Path(directory).resolve()), recipe, build_key, time.time()))
 
     def remove(self, directory: Path) -> None:
-        with _sqlite(self.path, self.SCHEMA) as db:
+        with _sqlite(self.path, self.SCHEMA, self.REMEDY) as db:
             db.execute("DELETE FROM outputs WHERE dir=?", (str(Path(directory).resolve()),))
 
     def all(self) -> list[dict]:
-        with _sqlite(self.path, self.SCHEMA) as db:
+        with _sqlite(self.path, self.SCHEMA, self.REMEDY) as db:
             rows = db.execute("SELECT dir, recipe, build_key, published FROM outputs ORDER BY dir").fetchall()
         return [{"dir": r[0], "recipe": r[1], "build_key": r[2], "published": r[3]} for r in rows]
 
 
 def read_manifest(directory: Path) -> dict | None:
     try:
-        data = json.loads((Path(directory) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads((Path(directory) / MANIFEST).read_bytes())
+    except (OSError, ValueError):   # ValueError: not JSON, or not UTF-8
         return None
     return data if isinstance(data, dict) else None
 
@@ -350,8 +322,8 @@ def references(root: Path | None = None) -> dict[str, list[dict]]:
         manifest = read_manifest(Path(out["dir"]))
         if manifest is None:
             continue
-        for name, key in manifest.get("objects", {}).items():
-            refs.setdefault(key, []).append({"dir": out["dir"], "recipe": manifest.get("recipe"), "file": name})
+        objects = manifest.get("objects")
+        for name, key in (objects.items() if isinstance(objects, dict) else ()):
+            if isinstance(key, str):
+                refs.setdefault(key, []).append({"dir": out["dir"], "recipe": manifest.get("recipe"), "file": name})
     return refs
-
-

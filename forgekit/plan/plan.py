@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..dtypes import BY_GGML
-from ..errors import PlanError
+from ..errors import PlanError, SourceError
 from ..recipe import Recipe, recipe_line
 from ..sources import TensorSource, open_source
 from .layout import assign_files
@@ -77,6 +77,11 @@ def open_sources(recipe: Recipe) -> tuple[dict[str, TensorSource], list[dict]]:
             return holder[slot].keeps(name)
 
         source, prov = open_source(role, spec, keep)
+        if role == "body" and source.config is None:
+            # Without it the output's config.json and the head's expected shapes would be defaults.
+            where = source.root / "config.json" if source.root else source.files[0]
+            raise SourceError(f"{where}: the body source's config.json is missing; the body must be a "
+                              "model directory holding its config.json")
         opened[role] = source
         provenance.append(prov)
     return opened, provenance

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Longest tensor name a source may hold: recipe regexes run over names, so their cost stays bounded.
+MAX_NAME = 512
+
 
 @dataclass(frozen=True)
 class TensorInfo:

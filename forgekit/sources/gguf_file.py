@@ -13,7 +13,8 @@ import numpy as np
 
 from ..dtypes import BY_GGML
 from ..errors import SourceError
-from .base import TensorInfo, TensorSource
+from .base import MAX_NAME, TensorInfo, TensorSource
+from .gguf_header import RangesRefused, parse_header
 
 GGML_PREFIX = "GGML:"   # location() storage of GGUF block-quantized types, dequantized with gguf.quants
 
@@ -34,6 +35,22 @@ def _field_value(field):
     return field.parts[field.data[0]].tolist()[0]
 
 
+def _check_header(path: Path) -> None:
+    """Walk the header with forgekit's own bounded parser before gguf-py reads it: gguf-py
+    loops over an array's declared count even past the end of the file (a hang on a doctored
+    count), while this walker refuses any count the file's size cannot hold."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        def fetch(start: int, end: int) -> bytes:
+            f.seek(start)
+            return f.read(end - start)
+
+        try:
+            parse_header(fetch, size)
+        except (SourceError, RangesRefused) as exc:
+            raise SourceError(f"{path}: not a readable GGUF file: {exc}") from None
+
+
 class GGUFSource(TensorSource):
     kind = "gguf"
 
@@ -44,9 +61,10 @@ class GGUFSource(TensorSource):
         path = Path(path)
         if not path.is_file():
             raise SourceError(f"{path}: GGUF source does not exist")
+        _check_header(path)
         try:
             self.reader = gguf.GGUFReader(path)
-        except (ValueError, IndexError, OSError) as exc:
+        except (ValueError, IndexError, KeyError, TypeError, OverflowError, OSError) as exc:
             raise SourceError(f"{path}: not a readable GGUF file ({exc})") from None
         super().__init__(role=role, files=[path], root=None, unread=list(unread), remote=remote)
         size = path.stat().st_size
@@ -56,6 +74,8 @@ class GGUFSource(TensorSource):
             self.metadata[key] = _field_value(field)
         self._tensors = {}
         for t in self.reader.tensors:
+            if len(t.name) > MAX_NAME:
+                raise SourceError(f"{path}: tensor '{t.name[:80]}...': name longer than {MAX_NAME} characters")
             type_name = t.tensor_type.name
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne order -> [out, in]
             if t.data_offset + t.n_bytes > size:

@@ -1,6 +1,7 @@
 """A GGUF file's header (key/values and tensor table) parsed from a prefix of its bytes
 that grows on demand, and the header of a smaller GGUF holding a subset of its tensors:
-what reading a remote GGUF by byte range needs (sources/remote_gguf.py)."""
+what reading a remote GGUF by byte range needs (sources/remote_gguf.py), and the bounded walk a
+local GGUF's header gets before gguf-py reads it (sources/gguf_file.py)."""
 
 from __future__ import annotations
 
@@ -131,7 +132,9 @@ def parse_header(fetch: Callable[[int, int], bytes], size: int | None = None,
         if value is not None:
             metadata[key] = value
     kv_end = cur.pos
-    alignment = int(metadata.get("general.alignment", 32))
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 2**16:
+        raise SourceError(f"GGUF general.alignment {alignment!r} is not a positive integer up to 65536")
     tensors = []
     for _ in range(n_tensors):
         name = cur.string()

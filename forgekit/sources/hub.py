@@ -6,11 +6,11 @@ weight shards holding tensors the recipe does not drop.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 from ..errors import SourceError
+from .safetensors_dir import read_index
 
 META_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
@@ -48,10 +48,7 @@ def fetch_model_dir(repo: str, revision: str | None, keep: Callable[[str], bool]
     index = root / "model.safetensors.index.json"
     if not index.is_file():
         return snapshot(repo, revision, list(META_PATTERNS) + ["*.safetensors"]), None, []
-    try:
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise SourceError(f"{repo}: model.safetensors.index.json has no valid 'weight_map'") from None
+    weight_map = read_index(index, f"{repo}: model.safetensors.index.json")
     by_file: dict[str, list[str]] = {}
     for name, file in weight_map.items():
         by_file.setdefault(file, []).append(name)

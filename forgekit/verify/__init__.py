@@ -1,8 +1,9 @@
 """Verification steps: each takes the assembled directory and the plan, returns a
 result dict {step, passed, summary, ...} or raises VerifyError naming the cause.
 
-Steps (module forgekit.verify.<step>, function run(directory, plan, params, bodies)):
-structural, norms, load, parity, mtp. `verify_directory` runs a recipe's steps on an
+Steps (module forgekit.verify.<step>, or MODULES[step], function run(directory, plan, params, bodies)):
+structural, norms, load, parity, mtp, mtplx (MTPLX's own runtime; may report itself skipped).
+`verify_directory` runs a recipe's steps on an
 existing directory (for `forgekit verify DIR --recipe R`); `report_table` renders
 results for the end of a build.
 """
@@ -16,11 +17,13 @@ from pathlib import Path
 from ..errors import ForgeError, VerifyError
 from ..recipe import VerifyStep
 
+MODULES = {"mtplx": "mtplx_step"}   # step name -> module, where the name would shadow a package
+
 
 def run_step(step: VerifyStep, directory: Path, plan, bodies=None) -> dict:
     """Run one step (module forgekit.verify.<step>, function run). `bodies`: a load.BodyCache
     shared by the steps of one build, so a large model is loaded once."""
-    module = importlib.import_module(f"{__name__}.{step.step}")
+    module = importlib.import_module(f"{__name__}.{MODULES.get(step.step, step.step)}")
     start = time.time()
     try:
         result = module.run(Path(directory), plan, dict(step.params), bodies)
@@ -73,10 +76,16 @@ def _headline(result: dict) -> str:
     step = result["step"]
     if not result.get("passed", False):
         return result.get("cause", "failed")
+    if result.get("skipped"):
+        return f"skipped: {result['skipped']}"
     if step == "mtp":
         acc = "/".join(f"{a:.3f}" for a in s.get("acceptance", []))
         return (f"acceptance by depth {acc}, mean accepted {s.get('mean_accepted')}/round over "
                 f"{s.get('rounds')} rounds ({s.get('trunk_tokens')} trunk tokens)")
+    if step == "mtplx":
+        acc = "/".join(f"{a:.3f}" for a in s.get("acceptance", []))
+        return (f"MTPLX {s.get('mtplx')} on {s.get('device')}: acceptance by depth {acc}, "
+                f"{s.get('tokens_per_verify')} tokens/verify, equals AR: {s.get('equals_ar')}")
     if step == "parity":
         return f"top-1 {s.get('top1')}, mean KL {s.get('mean_kl')} nats over {s.get('positions')} positions"
     if step == "norms":
@@ -90,7 +99,8 @@ def report_table(results: list[dict]) -> str:
     """A readable table of verify results (one row per step), for the end of a build."""
     rows = [("step", "result", "seconds", "details")]
     for r in results:
-        rows.append((r["step"], "ok" if r.get("passed") else "FAILED",
+        verdict = "FAILED" if not r.get("passed") else "skipped" if r.get("skipped") else "ok"
+        rows.append((r["step"], verdict,
                      f"{r['seconds']:.1f}" if "seconds" in r else "-", _headline(r)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["verification:"]
