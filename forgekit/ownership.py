@@ -161,7 +161,10 @@ def check_staging(staging: Path) -> None:
 def check_output(recipe) -> Path:
     """Everything a build checks before any work: location, `<out>` itself, its sibling names."""
     out = check_output_location(recipe)
-    check_output_contents(out)
+    try:
+        check_output_contents(out)
+    except OwnershipError as exc:
+        raise OwnershipError(f"{_where(recipe)}: {exc}") from None
     check_siblings(out)
     return out
 
