@@ -319,3 +319,24 @@ def test_ctrl_c_mid_build_is_one_line_and_leaves_the_artifact_intact(work, cache
     rerun = doit(recipe, out.parent, cache)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert '"bits": 8' in (out / "config.json").read_text()
+
+
+def test_forgekit_lock_never_overwrites_a_foreign_file_nor_follows_a_link(work, cache):
+    case = work / "cli-lock"
+    recipe = recipe_for(case, "out")
+    sib = case / "out.lock.json"
+    env = {**os.environ, "FORGEKIT_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "forgekit.cli", "lock", str(recipe)]
+    sib.write_bytes(b"a user's file\n")
+    proc = subprocess.run(cmd, cwd=case, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"forgekit: {sib}: not a readable lock file (Expecting value: line 1 column 1 (char 0)); remove it and "
+        f"build once without --locked (or run `forgekit lock RECIPE`) to record the sources again"], proc.stderr
+    assert sib.read_bytes() == b"a user's file\n"
+    sib.unlink()
+    (case / "victim").write_bytes(b"precious\n")
+    sib.symlink_to(case / "victim")
+    proc = subprocess.run(cmd, cwd=case, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"forgekit: {sib} is a symlink; forgekit never writes through one: remove it and run again"], proc.stderr
+    assert (case / "victim").read_bytes() == b"precious\n" and sib.is_symlink()
