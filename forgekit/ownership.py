@@ -86,35 +86,39 @@ def _protected(recipe) -> list[tuple[str, Path, bool]]:
     """(what, path, output may not lie inside it) for every place the output dir must keep clear of."""
     from .cache import cache_root
 
-    places = [("the file system root", Path("/"), False), ("your home directory", Path.home(), False),
-              ("the forgekit cache", cache_root(), True)]
-    for role, spec in recipe.sources.items():
-        if spec.path is not None:
-            places.append((f"source '{role}'", Path(spec.path), True))
+    places = [("the file system root", Path("/"), False), ("your home directory", Path.home(), False)]
+    places += [(f"source '{role}'", Path(spec.path), True) for role, spec in recipe.sources.items()
+               if spec.path is not None]
+    places.append(("the forgekit cache", cache_root(), True))
     for f in recipe.recipe_files or ((recipe.recipe_file,) if recipe.recipe_file else ()):
         places.append(("the recipe's directory", Path(f).parent, False))
     return places
 
 
 def _where(recipe) -> str:
-    """file:line of the key that decides the output dir (output.dir, else name)."""
+    """'file:line: key' of what decides the output dir (output.dir, else name)."""
     from .recipe import recipe_line
 
+    key = ("output", "dir") if recipe.output.dir else ("name",)
+    label = "output.dir" if recipe.output.dir else "name (output dir build/<name>)"
     if not recipe.recipe_file:
-        return "recipe"
+        return label
     try:
-        key = ("output", "dir") if recipe.output.dir else ("name",)
-        return f"{recipe_line(recipe, *key)}: {'.'.join(key)}"
+        return f"{recipe_line(recipe, *key)}: {label}"
     except ForgeError:
-        return recipe.recipe_file
+        return f"{recipe.recipe_file}: {label}"
 
 
 def check_output_location(recipe) -> Path:
-    """The resolved output dir, unless it is or holds a protected place (or lies in the cache or a source)."""
+    """The resolved output dir, unless it is or holds a protected place (or lies in the cache or a source).
+
+    The build replaces its output dir wholesale, so this runs before any work (and at plan time)."""
     out = recipe.output_dir().resolve()
     for what, place, not_inside in _protected(recipe):
         place = place.resolve()
-        if out == place:
+        if what.startswith("source ") and (out == place or out in place.parents or place in out.parents):
+            problem = f"overlaps {what} ({place})"
+        elif out == place:
             problem = f"is {what}"
         elif out in place.parents:
             problem = f"contains {what} ({place})"
@@ -122,7 +126,7 @@ def check_output_location(recipe) -> Path:
             problem = f"lies inside {what} ({place})"
         else:
             continue
-        raise OwnershipError(f"{_where(recipe)}: output dir {out} {problem}; the build replaces its output dir, "
+        raise OwnershipError(f"{_where(recipe)} {out} {problem}; the build replaces its output dir, "
                              f"so choose another output.dir")
     return out
 

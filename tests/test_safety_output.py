@@ -109,7 +109,7 @@ def test_home_directory_is_refused_and_kept(work, cache):
     home = user_dir(case / "me")
     before = snapshot(home)
     line = refused(recipe_for(case, '"~"'), case, cache, env={"HOME": str(home)})
-    assert line.endswith(f"output.dir: output dir {home} is your home directory; the build replaces its "
+    assert line.endswith(f"output.dir {home} is your home directory; the build replaces its "
                          f"output dir, so choose another output.dir")
     assert snapshot(home) == before
 
@@ -130,7 +130,7 @@ def test_the_recipes_own_directory_is_refused_and_kept(work, cache):
     recipe = recipe_for(case, ".")
     before = snapshot(case)
     line = refused(recipe, case, cache)
-    assert line.endswith(f"output dir {case} is the recipe's directory; the build replaces its output dir, "
+    assert line.endswith(f"output.dir {case} is the recipe's directory; the build replaces its output dir, "
                          f"so choose another output.dir")
     assert snapshot(case) == before
 
@@ -151,7 +151,7 @@ def test_the_cache_directory_is_refused_and_kept(work):
     own_cache = user_dir(case / "cache")
     before = snapshot(own_cache / "sub") | {"notes": (own_cache / "notes.txt").read_bytes()}
     line = refused(recipe_for(case, "cache"), case, own_cache)
-    assert line.endswith(f"output dir {own_cache} is the forgekit cache; the build replaces its output dir, "
+    assert line.endswith(f"output.dir {own_cache} is the forgekit cache; the build replaces its output dir, "
                          f"so choose another output.dir")
     assert snapshot(own_cache / "sub") | {"notes": (own_cache / "notes.txt").read_bytes()} == before
 
@@ -175,12 +175,12 @@ def test_a_regular_file_at_out_is_refused_and_kept(work, cache):
 def test_the_root_directory_is_refused(work, cache):
     case = work / "root"
     line = refused(recipe_for(case, "/"), case, cache)
-    assert line.endswith("output dir / is the file system root; the build replaces its output dir, "
+    assert line.endswith("output.dir / is the file system root; the build replaces its output dir, "
                          "so choose another output.dir")
 
 
-@pytest.mark.parametrize("where, problem", [("src", "contains source 'body'"),
-                                            ("src/body/inner", "lies inside source 'body'")])
+@pytest.mark.parametrize("where, problem", [("src", "overlaps source 'body'"),
+                                            ("src/body/inner", "overlaps source 'body'")])
 def test_an_output_overlapping_a_local_source_is_refused(work, cache, where, problem):
     case = work / f"source-{where.replace('/', '-')}"
     shutil.copytree(BODY, case / "src" / "body")
