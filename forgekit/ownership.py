@@ -66,6 +66,9 @@ def check_output_contents(out: Path) -> None:
     """`<out>` is absent, an empty directory, or a forgekit output (never followed if a symlink)."""
     st = _lstat(out)
     if st is None:
+        parent = next(p for p in Path(out).parents if os.path.lexists(p))
+        if not os.path.isdir(parent):
+            raise OwnershipError(f"{out} cannot be created: {parent} is not a directory; choose another output.dir")
         return
     if stat.S_ISLNK(st.st_mode):
         raise OwnershipError(f"{out} is a symlink; forgekit does not write through links: "

@@ -380,3 +380,13 @@ def test_data_and_directories_are_fsynced_before_the_renames_that_publish_them(t
     synced = [p for kind, p in events if kind == "fsync"]
     assert {str(staging / "model.safetensors"), str(staging / ".forgekit" / "manifest.json"),
             str(staging / ".forgekit"), str(staging)} <= set(synced)
+
+
+def test_an_output_below_a_regular_file_is_refused_and_the_file_kept(work, cache):
+    case = work / "below-file"
+    case.mkdir()
+    (case / "plain").write_bytes(b"a user's file\n")
+    line = refused(recipe_for(case, "plain/out"), case, cache)
+    assert line.endswith(f"{case / 'plain' / 'out'} cannot be created: {case / 'plain'} is not a directory; "
+                         f"choose another output.dir")
+    assert (case / "plain").read_bytes() == b"a user's file\n"
