@@ -169,10 +169,9 @@ def _holder(fd: int) -> str:
 
 
 def recipe_tasks(recipe_ref: str, locked: bool = False):
+    from .ownership import check_output
     from .recipe import load_recipe
     from .tasks import build_tasks, plan_for
-
-    from .ownership import check_output
 
     try:
         hold_build_lock(check_output(load_recipe(recipe_ref)))

@@ -36,8 +36,8 @@ from .cache import (FORMAT_VERSION, MANIFEST, ObjectStore, OutputRegistry, StatM
                     atomic_write_json, fsync_dir, fsync_file, hash_bytes, hash_file, key_of, link_outputs,
                     place_file, read_manifest, references)
 from .errors import ForgeError
-from .ownership import STAGING, check_output_contents, check_staging, holds_manifest, sibling
 from .faults import checkpoint
+from .ownership import STAGING, check_output_contents, check_staging, holds_manifest, sibling
 from .plan import BuildPlan, make_plan
 from .recipe import load_recipe
 
