@@ -69,6 +69,8 @@ def snapshot(directory: Path) -> dict[str, object]:
                 found[rel] = ("link", os.readlink(p))
             elif p.is_dir():
                 found[rel] = "dir"
+            elif not p.is_file():
+                found[rel] = ("special", os.lstat(p).st_mode)   # a FIFO: never opened
             else:
                 found[rel] = p.read_bytes()
     return found
@@ -390,3 +392,19 @@ def test_an_output_below_a_regular_file_is_refused_and_the_file_kept(work, cache
     assert line.endswith(f"{case / 'plain' / 'out'} cannot be created: {case / 'plain'} is not a directory; "
                          f"choose another output.dir")
     assert (case / "plain").read_bytes() == b"a user's file\n"
+
+
+@pytest.mark.parametrize("kind", ["dir", "fifo"])
+def test_a_directory_or_fifo_at_the_build_lock_name_is_refused(work, cache, kind):
+    case = work / f"lock-{kind}"
+    case.mkdir()
+    lock = case / "out.build-lock"
+    if kind == "dir":
+        user_dir(lock)
+    else:
+        os.mkfifo(lock)
+    before = snapshot(case)
+    line = refused(recipe_for(case, "out"), case, cache)
+    assert line == f"forgekit: {lock} exists and is not a forgekit file; remove it and run again"
+    assert snapshot(case) == before | {"recipe.yaml": (case / "recipe.yaml").read_bytes()}
+    assert not (case / "out").exists()
