@@ -38,6 +38,7 @@ import xxhash
 
 from .errors import ForgeError
 from .faults import checkpoint
+from .ownership import MANIFEST  # inside a published output dir
 
 FORMAT_VERSION = 2          # bump when the bytes a shard object holds change for the same plan
 READ_CHUNK = 8 * 2**20
@@ -49,7 +50,6 @@ def file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-MANIFEST = ".forgekit/manifest.json"   # inside a published output dir
 STALE_TEMP_SECONDS = 24 * 3600         # gc removes temp files older than this even if their pid is alive
 
 
@@ -304,6 +304,30 @@ class StatMemo:
         self._run("DELETE FROM memo2 WHERE path=?", (str(Path(path).resolve()),))
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to the disk (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it survives a power loss once this returns)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # no directory fds here (not POSIX); the rename is as durable as the OS makes it
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems cannot sync a dir
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = make_temp(path.parent, path.name)
     try:
@@ -313,6 +337,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         checkpoint("atomic.tmp-written")
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # name the file (e.g. disk full)
@@ -402,6 +427,7 @@ class ObjectStore:
         """Move a finished temp file into the store and record its digest."""
         obj = self.path(key, suffix)
         obj.parent.mkdir(parents=True, exist_ok=True)
+        fsync_file(tmp_file)   # the data is on disk before the name says it is there
         os.replace(tmp_file, obj)
         checkpoint("commit.renamed")
         try:
@@ -409,6 +435,7 @@ class ObjectStore:
             now = time.time()
             atomic_write_json(self.record_path(key), {"digest": digest, "size": obj.stat().st_size,
                                                       "created": now, "last_used": now, **info})
+            # (atomic_write_json fsyncs the object's directory: the object's rename and its record)
         except BaseException:
             obj.unlink(missing_ok=True)  # never leave an object without its record (e.g. disk full)
             raise
@@ -624,27 +651,33 @@ def place_file(src: Path, dst: Path, link: bool = True) -> str:
                 raise
     if how == "copy":
         _copy_file(src, tmp)
+        fsync_file(tmp)
     checkpoint("place.tmp")
     os.replace(tmp, dst)
     return how
 
 
 def _copy_file(src: Path, dst: Path) -> None:
-    """In-kernel copy (reflink where the file system supports it), else shutil."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            with open(src, "rb") as fi, open(dst, "wb") as fo:
-                left = os.fstat(fi.fileno()).st_size
+    """In-kernel copy (reflink where the file system supports it), else a plain copy.
+
+    `dst` is created exclusively and never through a symlink (a name planted there is an error)."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
+    with open(src, "rb") as fi, open(fd, "wb") as fo:
+        left = os.fstat(fi.fileno()).st_size
+        if hasattr(os, "copy_file_range"):
+            try:
                 while left > 0:
                     n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 2**30))
                     if n == 0:
                         break
                     left -= n
-                if left == 0:
-                    return
-        except OSError:
-            pass
-    shutil.copyfile(src, dst)
+            except OSError:
+                pass
+        if left:
+            fi.seek(0)
+            fo.seek(0)
+            fo.truncate(0)
+            shutil.copyfileobj(fi, fo, READ_CHUNK)
 
 
 def link_outputs() -> bool:

@@ -325,6 +325,13 @@ def cmd_lock(args) -> int:
         check_lock(plan, path)
         print(f"ok: sources match {path}")
         return 0
+    if path.is_symlink() or path.exists():  # replace only a forgekit lock file, never follow a link
+        from .lock import read_lock
+        from .ownership import OwnershipError
+
+        if path.is_symlink():
+            raise OwnershipError(f"{path} is a symlink; forgekit never writes through one: remove it and run again")
+        read_lock(path)
     write_lock(plan, path)
     data = lock_data(plan)
     print(f"wrote {path}")

@@ -14,6 +14,7 @@ from doit.dependency import FileChangedChecker
 
 from .cache import CorruptStateFile, OutputRegistry, StatMemo, cache_root, check_sqlite
 from .errors import ForgeError, env_number
+from .ownership import open_nofollow
 
 
 class XXH3Checker(FileChangedChecker):
@@ -56,9 +57,34 @@ def state_file(recipe_ref: str) -> Path:
     return cache_root() / "state" / f"{out.name}-{xxhash.xxh3_64_hexdigest(str(out).encode())}.sqlite3"
 
 
+INTERRUPTED = ("forgekit: interrupted; the output dir is untouched (still the previous build, or already "
+               "the complete new one); run again to resume\n")
+
+
+def exit_cleanly_on_interrupt() -> None:
+    """Ctrl-C: one line and exit code 130 instead of a KeyboardInterrupt traceback from doit.
+
+    The process ends at once, as if killed: every step that can be interrupted is already safe
+    against SIGKILL (temp names, records after renames, the atomic swap; tests/test_faults.py),
+    and a rerun resumes from the cache. doit's forked `-P process` workers, which get the same
+    signal from the terminal, end silently; the helper pool ignores SIGINT and exits with its parent.
+    """
+    import signal
+
+    main = os.getpid()
+
+    def interrupted(signum, frame):
+        if os.getpid() == main:
+            os.write(2, INTERRUPTED.encode())
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def doit_config(recipe_ref: str) -> dict:
     """DOIT_CONFIG for `recipe=...` (a recipe error or a corrupt state file is one line on
     stderr and exit code 2, checked here because doit opens its state right after)."""
+    exit_cleanly_on_interrupt()
     try:
         path = state_file(recipe_ref)
         check_state_files(path)
@@ -107,7 +133,9 @@ _HELD: dict[str, int] = {}   # lock file -> descriptor, held until this process 
 
 
 def lock_path(out: Path) -> Path:
-    return out.with_name(out.name + ".build-lock")
+    from .ownership import BUILD_LOCK, sibling
+
+    return sibling(out, BUILD_LOCK)
 
 
 def hold_build_lock(out: Path) -> None:
@@ -127,8 +155,9 @@ def hold_build_lock(out: Path) -> None:
     if str(path) in _HELD:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)   # a symlink planted there is refused, never followed
     try:
+        _check_lock_content(fd, path)
         if not _try_lock(fd):
             limit = env_number("FORGEKIT_LOCK_WAIT", None, float)
             deadline = None if limit is None else time.monotonic() + limit
@@ -154,6 +183,14 @@ def hold_build_lock(out: Path) -> None:
     checkpoint("lock.held")
 
 
+def _check_lock_content(fd: int, path: Path) -> None:
+    """The lock file holds nothing or a pid; anything else is not ours to truncate."""
+    text = os.pread(fd, 64, 0)
+    if text.strip() and not text.strip().isdigit():
+        raise ForgeError(f"{path} is not a forgekit build lock (it holds something other than a pid); "
+                         f"remove it and run again")
+
+
 def _try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -168,11 +205,12 @@ def _holder(fd: int) -> str:
 
 
 def recipe_tasks(recipe_ref: str, locked: bool = False):
+    from .ownership import check_output
     from .recipe import load_recipe
     from .tasks import build_tasks, plan_for
 
     try:
-        hold_build_lock(load_recipe(recipe_ref).output_dir())
+        hold_build_lock(check_output(load_recipe(recipe_ref)))
         tasks = list(build_tasks(recipe_ref))
         if locked:  # sources must be exactly those <output>.lock.json records (forgekit/lock.py)
             from .lock import check_lock

@@ -35,13 +35,17 @@ LOCK_VERSION = 1
 LOCATION_KEYS = ("repo", "path", "file", "revision")
 
 
+RECOVER = "remove it and build once without --locked (or run `forgekit lock RECIPE`) to record the sources again"
+
+
 class LockError(ForgeError):
     """The sources differ from the lock file (or there is no lock file to compare with)."""
 
 
 def lock_path(recipe) -> Path:
-    out = recipe.output_dir()
-    return out.with_name(out.name + ".lock.json")
+    from .ownership import SOURCES_LOCK, sibling
+
+    return sibling(recipe.output_dir(), SOURCES_LOCK)
 
 
 def _source_files(plan, role: str, source) -> dict[str, Path]:
@@ -85,6 +89,10 @@ def write_lock(plan, path: Path | None = None) -> Path:
     """Record the plan's sources; leaves an identical lock file untouched."""
     path = path or lock_path(plan.recipe)
     data = _dumps(lock_data(plan))
+    if path.is_symlink():  # atomic_write_bytes would replace the link, but a planted link is refused
+        from .ownership import OwnershipError
+
+        raise OwnershipError(f"{path} is a symlink; forgekit never writes through one: remove it and run again")
     try:
         if path.read_bytes() == data:
             return path
@@ -101,10 +109,11 @@ def read_lock(path: Path) -> dict:
     except FileNotFoundError:
         raise LockError(f"no lock file {path}: build once without --locked (or run `forgekit lock RECIPE`) "
                         f"to record the sources") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LockError(f"{path}: not a readable lock file ({exc})") from None
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise LockError(f"{path}: not a readable lock file ({reason}); {RECOVER}") from None
     if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION or not isinstance(data.get("sources"), dict):
-        raise LockError(f"{path}: not a forgekit lock file (version {LOCK_VERSION})")
+        raise LockError(f"{path}: not a forgekit lock file (version {LOCK_VERSION}); {RECOVER}")
     return data
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import PlanError, SourceError
+from .ownership import check_output_location
 from .quant import QuantDecision, QuantRules, config_entries, quantized_shapes
 from .recipe import QuantParams, Recipe, recipe_line
 from .remap import Table
@@ -90,23 +90,10 @@ def _placeholders(source: TensorSource) -> dict[str, str]:
     return {}
 
 
-def check_output_location(recipe: Recipe) -> None:
-    """The output dir is replaced wholesale on publish: it must never contain or sit in a source."""
-    out = recipe.output_dir().resolve()
-    for role, spec in recipe.sources.items():
-        if spec.path is None:
-            continue
-        src = Path(spec.path).resolve()
-        inside_source_dir = src.is_dir() and src in out.parents
-        if out == src or inside_source_dir or out in src.parents:
-            raise PlanError(f"{recipe_line(recipe, 'output', 'dir')}: output.dir {out} overlaps source "
-                            f"'{role}' ({src}); the build replaces its output dir, so keep them apart")
-
-
 def open_sources(recipe: Recipe) -> tuple[dict[str, TensorSource], list[dict]]:
     if "body" not in recipe.sources:
         raise PlanError(f"{recipe.recipe_file}: sources.body: the recipe names no body source")
-    check_output_location(recipe)
+    check_output_location(recipe)  # never replace a source, the cache, home... (ownership.py)
     opened, provenance = {}, []
     for role, spec in recipe.sources.items():
         rules = recipe.remap[recipe.table_for(role)]

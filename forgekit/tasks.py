@@ -33,10 +33,11 @@ from doit.tools import config_changed
 
 from . import __version__, meta
 from .cache import (FORMAT_VERSION, MANIFEST, ObjectStore, OutputRegistry, StatMemo, atomic_write_bytes,
-                    atomic_write_json, hash_bytes, hash_file, key_of, lease_objects, link_outputs, place_file,
-                    read_manifest, references)
+                    atomic_write_json, fsync_dir, fsync_file, hash_bytes, hash_file, key_of, lease_objects,
+                    link_outputs, place_file, read_manifest, references)
 from .errors import ForgeError
 from .faults import checkpoint
+from .ownership import STAGING, check_output_contents, check_staging, holds_manifest, sibling
 from .plan import BuildPlan, make_plan
 from .recipe import load_recipe
 
@@ -140,7 +141,7 @@ def _forge_errors_fail_cleanly(fn):
 
 
 def staging_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".staging")
+    return sibling(out, STAGING)
 
 
 # ---------------------------------------------------------------- shard objects
@@ -261,8 +262,11 @@ def _inode_mates(store: ObjectStore, keys, refs: dict, exclude: Path | None = No
 def _stage(plan: BuildPlan) -> None:
     out = plan.recipe.output_dir()
     staging = staging_dir(out)
+    check_staging(staging)  # a symlink or a foreign dir there is refused, never followed nor emptied
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / ".forgekit").mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    (staging / ".forgekit").mkdir()
     checkpoint("stage.begin")
     store = ObjectStore()
     memo = StatMemo()
@@ -355,6 +359,7 @@ def publish(recipe_ref: str) -> None:
                                            "files": files, "objects": dict(plan.file_keys),
                                            "forgekit": __version__})
     checkpoint("publish.manifest")
+    _make_durable(staging)
     keys = set(plan.file_keys.values()) | set((read_manifest(out) or {}).get("objects", {}).values())
     with StatMemo().preserving(_inode_mates(ObjectStore(), keys, references(), exclude=out)):
         _swap(staging, out)
@@ -370,6 +375,16 @@ def publish(recipe_ref: str) -> None:
     if results:
         print(report_table(results), flush=True)
     print(f"built {plan.recipe.name}: {out}", flush=True)
+
+
+def _make_durable(staging: Path) -> None:
+    """fsync every file and directory of the staging tree before the swap publishes it, so a
+    power loss cannot leave `<out>` naming a file whose blocks never reached the disk."""
+    for d in (staging / ".forgekit", staging):
+        for p in d.iterdir():
+            if p.is_file() and not p.is_symlink():
+                fsync_file(p)
+        fsync_dir(d)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -402,10 +417,14 @@ def _swap(staging: Path, out: Path) -> None:
 
     for left in out.parent.glob(f"{out.name}.old-*"):  # a swap that was killed halfway
         pid = left.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)) and holds_manifest(left):
             shutil.rmtree(left, ignore_errors=True)
+    # Re-checked at the last moment: what is at <out> is still ours to replace, the staging dir too.
+    check_output_contents(out)
+    check_staging(staging)
     if out.exists() and _exchange(staging, out):
         checkpoint("swap.exchanged")
+        fsync_dir(out.parent)
         shutil.rmtree(staging, ignore_errors=True)
         return
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -413,6 +432,7 @@ def _swap(staging: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(staging, out)
     checkpoint("swap.exchanged")
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -470,7 +490,9 @@ def clean_output(recipe_ref: str) -> None:
     keys = (read_manifest(out) or {}).get("objects", {}).values()
     with StatMemo().preserving(_inode_mates(ObjectStore(), keys, references(), exclude=out)):
         for d in (out, staging_dir(out)):
-            if (d / MANIFEST).is_file() or (d.name.endswith(".staging") and (d / ".forgekit").is_dir()):
+            if d.is_symlink():
+                continue  # never followed; the ownership check at load time already refused it
+            if holds_manifest(d) or (d.name.endswith(STAGING) and (d / ".forgekit").is_dir()):
                 shutil.rmtree(d, ignore_errors=True)
                 print(f"removed {d}")
     OutputRegistry().remove(out)
