@@ -246,7 +246,7 @@ def cmd_new(args) -> int:
 
 
 def cmd_lock(args) -> int:
-    from .build.lock import check_lock, lock_data, lock_path, write_lock
+    from .build.lock import check_lock, check_replaceable, lock_data, lock_path, write_lock
     from .plan import make_plan
     from .recipe import load_recipe
 
@@ -256,6 +256,7 @@ def cmd_lock(args) -> int:
         check_lock(plan, path)
         print(f"ok: sources match {path}")
         return 0
+    check_replaceable(path)
     write_lock(plan, path)
     data = lock_data(plan)
     print(f"wrote {path}")
@@ -288,14 +289,6 @@ def cmd_verify(args) -> int:
 # ---------------------------------------------------------------- cache
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def cmd_cache(args) -> int:
     from .build.gc import cache_gc, cache_ls, cache_verify
 
@@ -307,16 +300,16 @@ def cmd_cache(args) -> int:
             return 0
         for r in rows:
             users = ", ".join(r["used_by"]) or "-"
-            print(f"{r['key']}  {_size(r['size']):>10}  {r['age_days']:6.1f}d  {r['file'] or '-':<36} "
+            print(f"{r['key']}  {human(r['size']):>10}  {r['age_days']:6.1f}d  {r['file'] or '-':<36} "
                   f"built by {r['recipe'] or '-'}; used by {users}")
-        print(f"{len(rows)} object(s), {_size(sum(r['size'] for r in rows))}")
+        print(f"{len(rows)} object(s), {human(sum(r['size'] for r in rows))}")
     elif args.action == "gc":
         result = cache_gc(root, older_than_days=args.older_than, dry_run=args.dry_run)
         if args.json:
             _print_json(result)
             return 0
         verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {len(result['removed'])} object(s), {_size(result['freed_bytes'])}; "
+        print(f"{verb} {len(result['removed'])} object(s), {human(result['freed_bytes'])}; "
               f"kept {result['kept']} ({result['leased']} leased by running builds); "
               f"temp files cleared: {result['temps_removed']}")
     else:

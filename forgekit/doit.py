@@ -36,6 +36,7 @@ from .build import publish as publishing
 from .build import stage as staging
 from .build.keys import BuildKeys, build_keys
 from .build.output_lock import hold_build_lock
+from .build.ownership import check_output
 from .build.pool import WorkerPool
 from .build.shard import build_into_store, restore_from_output
 from .build.leases import lease_objects
@@ -104,9 +105,34 @@ def state_file(recipe_ref: str) -> Path:
     return settings.cache_root() / "state" / f"{out.name}-{xxhash.xxh3_64_hexdigest(str(out).encode())}.sqlite3"
 
 
+INTERRUPTED = ("forgekit: interrupted; the output dir is untouched (still the previous build, or already "
+               "the complete new one); run again to resume\n")
+
+
+def exit_cleanly_on_interrupt() -> None:
+    """Ctrl-C: one line and exit code 130 instead of a KeyboardInterrupt traceback from doit.
+
+    The process ends at once, as if killed: every step that can be interrupted is already safe
+    against SIGKILL (temp names, records after renames, the atomic swap; tests/test_faults.py),
+    and a rerun resumes from the cache. doit's forked `-P process` workers, which get the same
+    signal from the terminal, end silently; the helper pool ignores SIGINT and exits with its parent.
+    """
+    import signal
+
+    main = os.getpid()
+
+    def interrupted(signum, frame):
+        if os.getpid() == main:
+            os.write(2, INTERRUPTED.encode())
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def doit_config(recipe_ref: str) -> dict:
     """DOIT_CONFIG for `recipe=...` (a bad setting, a recipe error or a corrupt state file is one
     line on stderr and exit code 2, checked here because doit opens its state right after)."""
+    exit_cleanly_on_interrupt()
     try:
         settings.check_all()
         path = state_file(recipe_ref)
@@ -255,7 +281,7 @@ def build_tasks(recipe_ref: str):
 def recipe_tasks(recipe_ref: str, locked: bool = False):
     """The build's tasks, after taking the output's build lock; user mistakes are one line, exit 2."""
     try:
-        hold_build_lock(load_recipe(recipe_ref).output_dir())
+        hold_build_lock(check_output(load_recipe(recipe_ref)))
         tasks = list(build_tasks(recipe_ref))
         if locked:  # sources must be exactly those <output>.lock.json records (build/lock.py)
             from .build.lock import check_lock

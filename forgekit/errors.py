@@ -18,6 +18,10 @@ class PlanError(ForgeError):
     """The recipe's tables do not fit the sources (unmapped tensors, unmatched rules...)."""
 
 
+class OwnershipError(ForgeError):
+    """A path the build would write or delete is not forgekit's."""
+
+
 class VerifyError(ForgeError):
     """A verification step failed; the message names the step and the cause."""
 

@@ -71,6 +71,30 @@ def stale_temp(path: Path, now: float | None = None) -> bool:
     return pid is not None and not pid_alive(pid)
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file's data to the disk (before a rename publishes it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory's entries (a rename into it survives a power loss once this returns)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # no directory fds here (not POSIX); the rename is as durable as the OS makes it
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems cannot sync a dir
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = make_temp(path.parent, path.name)
     try:
@@ -80,6 +104,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         checkpoint("atomic.tmp-written")
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # name the file (e.g. disk full)

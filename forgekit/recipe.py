@@ -148,8 +148,16 @@ class VerifyStep(Frozen):
     params: dict[str, Any] = {}
 
 
+def _safe_name(name: str) -> str:
+    """The name is the default output dir `build/<name>`: one plain path component, printable."""
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        raise ValueError(f"{name!r} must be a plain name (no '/', '\\', '..' or control characters): "
+                         f"it names the output dir build/<name>")
+    return name
+
+
 class Recipe(Frozen):
-    name: str
+    name: Annotated[str, AfterValidator(_safe_name)]
     description: str = ""
     sources: dict[str, Source] = {}
     remap: dict[str, tuple[RemapRule, ...]] = {}

@@ -16,7 +16,7 @@ import yaml
 from conftest import ROOT, demo_recipe, run_doit
 from forgekit.build.memo import StatMemo
 from forgekit.errors import VerifyError
-from forgekit.build.store import MANIFEST
+from forgekit.build.names import MANIFEST
 from forgekit.verify import verify_directory
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

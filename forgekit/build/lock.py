@@ -28,13 +28,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..errors import ForgeError
+from ..errors import ForgeError, OwnershipError
 from ..fileio import atomic_write_bytes
-from .outputs import copied_files
 from .memo import StatMemo
+from .names import SOURCES_LOCK, sibling
+from .outputs import copied_files
 
 LOCK_VERSION = 1
 LOCATION_KEYS = ("repo", "path", "file", "revision")
+RECOVER = "remove it and build once without --locked (or run `forgekit lock RECIPE`) to record the sources again"
 
 
 class LockError(ForgeError):
@@ -42,8 +44,7 @@ class LockError(ForgeError):
 
 
 def lock_path(recipe) -> Path:
-    out = recipe.output_dir()
-    return out.with_name(out.name + ".lock.json")
+    return sibling(recipe.output_dir(), SOURCES_LOCK)
 
 
 def _source_files(plan, role: str, source) -> dict[str, Path]:
@@ -85,6 +86,8 @@ def write_lock(plan, path: Path | None = None) -> Path:
     """Record the plan's sources; leaves an identical lock file untouched."""
     path = path or lock_path(plan.recipe)
     data = _dumps(lock_data(plan))
+    if path.is_symlink():  # atomic_write_bytes would replace the link, but a planted link is refused
+        raise OwnershipError(f"{path} is a symlink; forgekit never writes through one: remove it and run again")
     try:
         if path.read_bytes() == data:
             return path
@@ -101,11 +104,20 @@ def read_lock(path: Path) -> dict:
     except FileNotFoundError:
         raise LockError(f"no lock file {path}: build once without --locked (or run `forgekit lock RECIPE`) "
                         f"to record the sources") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise LockError(f"{path}: not a readable lock file ({exc})") from None
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+        raise LockError(f"{path}: not a readable lock file ({reason}); {RECOVER}") from None
     if not isinstance(data, dict) or data.get("lock_version") != LOCK_VERSION or not isinstance(data.get("sources"), dict):
-        raise LockError(f"{path}: not a forgekit lock file (version {LOCK_VERSION})")
+        raise LockError(f"{path}: not a forgekit lock file (version {LOCK_VERSION}); {RECOVER}")
     return data
+
+
+def check_replaceable(path: Path) -> None:
+    """`forgekit lock` replaces only a forgekit lock file, and never follows a link at its name."""
+    if path.is_symlink():
+        raise OwnershipError(f"{path} is a symlink; forgekit never writes through one: remove it and run again")
+    if path.exists():
+        read_lock(path)
 
 
 def _short(sha: str | None) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import settings
 from ..errors import ForgeError
 from ..faults import checkpoint
+from .names import BUILD_LOCK, open_nofollow, sibling
 
 # lock file -> descriptor, held until this process exits. Module state on purpose: the lock
 # belongs to the process (the kernel drops it when the process ends), not to any object.
@@ -18,7 +19,7 @@ _HELD: dict[str, int] = {}
 
 
 def lock_path(out: Path) -> Path:
-    return out.with_name(out.name + ".build-lock")
+    return sibling(out, BUILD_LOCK)
 
 
 def hold_build_lock(out: Path) -> None:
@@ -38,8 +39,9 @@ def hold_build_lock(out: Path) -> None:
     if str(path) in _HELD:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)   # a symlink planted there is refused, never followed
     try:
+        _check_lock_content(fd, path)
         if not _try_lock(fd):
             limit = settings.lock_wait()
             deadline = None if limit is None else time.monotonic() + limit
@@ -61,6 +63,14 @@ def hold_build_lock(out: Path) -> None:
         raise
     _HELD[str(path)] = fd
     checkpoint("lock.held")
+
+
+def _check_lock_content(fd: int, path: Path) -> None:
+    """The lock file holds nothing or a pid; anything else is not ours to truncate."""
+    text = os.pread(fd, 64, 0)
+    if text.strip() and not text.strip().isdigit():
+        raise ForgeError(f"{path} is not a forgekit build lock (it holds something other than a pid); "
+                         f"remove it and run again")
 
 
 def _try_lock(fd: int) -> bool:

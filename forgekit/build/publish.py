@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..faults import checkpoint
-from ..fileio import atomic_write_bytes, atomic_write_json, pid_alive
+from ..fileio import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file, pid_alive
 from ..plan import BuildPlan
 from ..verify import report_table, run_step
 from . import outputs
@@ -23,7 +23,9 @@ from .keys import BuildKeys
 from .lock import write_lock
 from .stage import ensure_staged, inode_mates, staged, staging_dir
 from .memo import StatMemo, hash_file
-from .store import MANIFEST, ObjectStore, OutputRegistry, read_manifest, references
+from .names import STAGING, holds_manifest
+from .ownership import check_output_contents, check_staging
+from .store import ObjectStore, OutputRegistry, read_manifest, references
 
 
 def run_verify(plan: BuildPlan, index: int, bodies=None) -> dict:
@@ -73,6 +75,7 @@ def publish(plan: BuildPlan, keys: BuildKeys, pool=None, bodies=None) -> None:
     checkpoint("publish.meta")
     files = _write_manifest(plan, keys, staging, record)
     checkpoint("publish.manifest")
+    _make_durable(staging)
     objects = set(keys.file_keys.values()) | set((read_manifest(out) or {}).get("objects", {}).values())
     with StatMemo().preserving(inode_mates(ObjectStore(), objects, references(), exclude=out)):
         swap(staging, out)
@@ -85,6 +88,16 @@ def publish(plan: BuildPlan, keys: BuildKeys, pool=None, bodies=None) -> None:
     if verification["results"]:
         print(report_table(verification["results"]), flush=True)
     print(f"built {plan.recipe.name}: {out}", flush=True)
+
+
+def _make_durable(staging: Path) -> None:
+    """fsync every file and directory of the staging tree before the swap publishes it, so a
+    power loss cannot leave `<out>` naming a file whose blocks never reached the disk."""
+    for d in (staging / ".forgekit", staging):
+        for p in d.iterdir():
+            if p.is_file() and not p.is_symlink():
+                fsync_file(p)
+        fsync_dir(d)
 
 
 def published(plan: BuildPlan, keys: BuildKeys) -> bool:
@@ -107,7 +120,9 @@ def clean_output(plan: BuildPlan) -> None:
     objects = (read_manifest(out) or {}).get("objects", {}).values()
     with StatMemo().preserving(inode_mates(ObjectStore(), objects, references(), exclude=out)):
         for d in (out, staging_dir(out)):
-            if (d / MANIFEST).is_file() or (d.name.endswith(".staging") and (d / ".forgekit").is_dir()):
+            if d.is_symlink():
+                continue  # never followed; the ownership check at load time already refused it
+            if holds_manifest(d) or (d.name.endswith(STAGING) and (d / ".forgekit").is_dir()):
                 shutil.rmtree(d, ignore_errors=True)
                 print(f"removed {d}")
     OutputRegistry().remove(out)
@@ -144,10 +159,14 @@ def swap(staging: Path, out: Path) -> None:
     the old artifact under that name; the next publish removes it)."""
     for left in out.parent.glob(f"{out.name}.old-*"):  # a swap that was killed halfway
         pid = left.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)) and holds_manifest(left):
             shutil.rmtree(left, ignore_errors=True)
+    # Re-checked at the last moment: what is at <out> is still ours to replace, the staging dir too.
+    check_output_contents(out)
+    check_staging(staging)
     if out.exists() and exchange(staging, out):
         checkpoint("swap.exchanged")
+        fsync_dir(out.parent)
         shutil.rmtree(staging, ignore_errors=True)
         return
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -155,4 +174,5 @@ def swap(staging: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(staging, out)
     checkpoint("swap.exchanged")
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -16,13 +16,15 @@ from . import outputs
 from .keys import BuildKeys
 from .shard import build_into_store
 from .memo import StatMemo, hash_bytes
+from .names import STAGING, sibling
+from .ownership import check_staging
 from .store import ObjectStore, place_file, read_manifest, references
 
 STAGED = ".forgekit/staged.json"     # inside the staging dir: what stage put there
 
 
 def staging_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".staging")
+    return sibling(out, STAGING)
 
 
 def staged(plan: BuildPlan, keys: BuildKeys) -> dict | None:
@@ -89,9 +91,13 @@ def _place_shards(plan: BuildPlan, keys: BuildKeys, staging: Path, pool) -> dict
 
 
 def stage(plan: BuildPlan, keys: BuildKeys, pool=None) -> None:
-    staging = staging_dir(plan.recipe.output_dir())
+    out = plan.recipe.output_dir()
+    staging = staging_dir(out)
+    check_staging(staging)  # a symlink or a foreign dir there is refused, never followed nor emptied
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / ".forgekit").mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    (staging / ".forgekit").mkdir()
     checkpoint("stage.begin")
     placed = _place_shards(plan, keys, staging, pool)
     config = (json.dumps(outputs.config_json(plan), indent=4) + "\n").encode()

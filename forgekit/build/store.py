@@ -23,11 +23,12 @@ from pathlib import Path
 
 from .. import settings
 from ..faults import checkpoint
-from ..fileio import atomic_write_json, make_temp, stale_temp
+from ..fileio import atomic_write_json, file_mode, fsync_file, make_temp, stale_temp
 from .memo import StatMemo, _sqlite, check_sqlite, warn
+from .names import MANIFEST
 
 FORMAT_VERSION = 2          # bump when the bytes a shard object holds change for the same plan
-MANIFEST = ".forgekit/manifest.json"   # inside a published output dir
+COPY_CHUNK = 8 * 2**20
 
 
 # Exact names forgekit writes under cache/objects/; gc and verify touch nothing else.
@@ -108,6 +109,7 @@ class ObjectStore:
         """Move a finished temp file into the store and record its digest."""
         obj = self.path(key, suffix)
         obj.parent.mkdir(parents=True, exist_ok=True)
+        fsync_file(tmp_file)   # the data is on disk before the name says it is there
         os.replace(tmp_file, obj)
         checkpoint("commit.renamed")
         try:
@@ -115,6 +117,7 @@ class ObjectStore:
             now = time.time()
             atomic_write_json(self.record_path(key), {"digest": digest, "size": obj.stat().st_size,
                                                       "created": now, "last_used": now, **info})
+            # (atomic_write_json fsyncs the object's directory: the object's rename and its record)
         except BaseException:
             obj.unlink(missing_ok=True)  # never leave an object without its record (e.g. disk full)
             raise
@@ -247,27 +250,33 @@ def place_file(src: Path, dst: Path, link: bool = True) -> str:
                 raise
     if how == "copy":
         _copy_file(src, tmp)
+        fsync_file(tmp)
     checkpoint("place.tmp")
     os.replace(tmp, dst)
     return how
 
 
 def _copy_file(src: Path, dst: Path) -> None:
-    """In-kernel copy (reflink where the file system supports it), else shutil."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            with open(src, "rb") as fi, open(dst, "wb") as fo:
-                left = os.fstat(fi.fileno()).st_size
+    """In-kernel copy (reflink where the file system supports it), else a plain copy.
+
+    `dst` is created exclusively and never through a symlink (a name planted there is an error)."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, file_mode())
+    with open(src, "rb") as fi, open(fd, "wb") as fo:
+        left = os.fstat(fi.fileno()).st_size
+        if hasattr(os, "copy_file_range"):
+            try:
                 while left > 0:
                     n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 2**30))
                     if n == 0:
                         break
                     left -= n
-                if left == 0:
-                    return
-        except OSError:
-            pass
-    shutil.copyfile(src, dst)
+            except OSError:
+                pass
+        if left:
+            fi.seek(0)
+            fo.seek(0)
+            fo.truncate(0)
+            shutil.copyfileobj(fi, fo, COPY_CHUNK)
 
 
 # ---------------------------------------------------------------- outputs registry

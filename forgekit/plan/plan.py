@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..dtypes import BY_GGML
 from ..errors import PlanError, SourceError
 from ..recipe import Recipe, recipe_line
 from ..sources import TensorSource, open_source
 from .layout import assign_files
+from .location import check_output_location
 from .quant import QuantDecision, QuantRules, config_entries
 from .remap import Table
 from .tensor import TensorPlan
@@ -47,23 +47,10 @@ def natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def check_output_location(recipe: Recipe) -> None:
-    """The output dir is replaced wholesale on publish: it must never contain or sit in a source."""
-    out = recipe.output_dir().resolve()
-    for role, spec in recipe.sources.items():
-        if spec.path is None:
-            continue
-        src = Path(spec.path).resolve()
-        inside_source_dir = src.is_dir() and src in out.parents
-        if out == src or inside_source_dir or out in src.parents:
-            raise PlanError(f"{recipe_line(recipe, 'output', 'dir')}: output.dir {out} overlaps source "
-                            f"'{role}' ({src}); the build replaces its output dir, so keep them apart")
-
-
 def open_sources(recipe: Recipe) -> tuple[dict[str, TensorSource], list[dict]]:
     if "body" not in recipe.sources:
         raise PlanError(f"{recipe.recipe_file}: sources.body: the recipe names no body source")
-    check_output_location(recipe)
+    check_output_location(recipe)  # never replace a source, the cache, home... (location.py)
     opened, provenance = {}, []
     for role, spec in recipe.sources.items():
         rules = recipe.remap[recipe.table_for(role)]
