@@ -23,7 +23,7 @@ from .keys import BuildKeys
 from .lock import write_lock
 from .stage import ensure_staged, inode_mates, staged, staging_dir
 from .memo import StatMemo, hash_file
-from .names import STAGING, holds_manifest
+from .names import MANIFEST, STAGING, holds_manifest
 from .ownership import check_output_contents, check_staging
 from .store import ObjectStore, OutputRegistry, read_manifest, references
 
