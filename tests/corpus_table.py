@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from conftest import BODY, HEAD_GGUF, ROOT, run_doit  # noqa: E402
+from conftest import BODY, HEAD_GGUF, ROOT  # noqa: E402
 from test_corpus import CASES, GOOD, PLAIN, auto_map_config, run_case as run_in  # noqa: E402
 
 
