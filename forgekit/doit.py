@@ -47,7 +47,6 @@ from .faults import checkpoint
 from .fileio import DISK_ERRORS, disk_error
 from .plan import BuildPlan, make_plan
 from .recipe import load_recipe
-from .verify.load import BodyCache
 
 
 class XXH3Checker(FileChangedChecker):
@@ -73,7 +72,17 @@ class Session:
 
     plans: dict[str, tuple[BuildPlan, BuildKeys]] = field(default_factory=dict)
     pool: WorkerPool = field(default_factory=WorkerPool)
-    bodies: BodyCache = field(default_factory=BodyCache)
+    _bodies: object = None
+
+    @property
+    def bodies(self):
+        """The verify steps' model cache, made on first use (verify.load imports mlx-lm, which
+        takes seconds: a no-op build never pays for it)."""
+        if self._bodies is None:
+            from .verify.load import BodyCache
+
+            self._bodies = BodyCache()
+        return self._bodies
 
     def planned(self, recipe_ref: str) -> tuple[BuildPlan, BuildKeys]:
         if recipe_ref not in self.plans:
