@@ -300,14 +300,15 @@ def run_piece(piece: Piece, fd: int, ws: Workspace, source=None, where: str | No
             checkpoint("piece.partial")
 
 
-def run_job(job: Job, ws: Workspace, delay: float = 0.0, point: str = "piece") -> int:
-    """Compute and write every piece of a job; returns the source bytes it consumed."""
+def run_job(job: Job, ws: Workspace, delay: float = 0.0, helper: bool = False) -> int:
+    """Compute and write every piece of a job (`helper`: in a helper process); returns the
+    source bytes it consumed."""
     import time
 
     fd = ws.fd(job.dest_path, os.O_WRONLY)
     for piece in job.pieces:
         if delay:
             time.sleep(delay)
-        checkpoint(point)
+        checkpoint("helper.piece" if helper else "piece")
         run_piece(piece, fd, ws)
     return job.source_bytes

@@ -66,7 +66,7 @@ def _init_helper(parent: int) -> None:
 
 
 def _helper_job(job: Job, delay: float) -> int:
-    return run_job(job, _HELPER_WORKSPACE, delay, point="helper.piece")
+    return run_job(job, _HELPER_WORKSPACE, delay, helper=True)
 
 
 def _hash(path: str) -> tuple[str, str, bool]:
