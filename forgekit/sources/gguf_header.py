@@ -5,19 +5,24 @@ local GGUF's header gets before gguf-py reads it (sources/gguf_file.py)."""
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import SourceError
 
 MIN_CHUNK = 64 * 1024            # first header request; later ones grow with what was read
-_SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-            GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-            GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-            GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+
+
+@functools.cache
+def _scalars() -> dict:
+    """GGUF scalar value type -> struct format (gguf is imported on first use: it takes a while)."""
+    from gguf.constants import GGUFValueType as T
+
+    return {T.UINT8: "<B", T.INT8: "<b", T.UINT16: "<H", T.INT16: "<h", T.UINT32: "<I", T.INT32: "<i",
+            T.FLOAT32: "<f", T.BOOL: "<?", T.UINT64: "<Q", T.INT64: "<q", T.FLOAT64: "<d"}
 
 
 class RangesRefused(Exception):
@@ -94,14 +99,17 @@ class _Cursor:
 
 
 def _value(cur: _Cursor, vtype: int):
-    if vtype in _SCALARS:
-        return cur.unpack(_SCALARS[vtype])
+    from gguf.constants import GGUFValueType
+
+    scalars = _scalars()
+    if vtype in scalars:
+        return cur.unpack(scalars[vtype])
     if vtype == GGUFValueType.STRING:
         return cur.string()
     if vtype == GGUFValueType.ARRAY:
         etype, count = cur.unpack("<I"), cur.unpack("<Q")
-        if etype in _SCALARS:
-            cur.take(struct.calcsize(_SCALARS[etype]) * count)  # skipped in one read
+        if etype in scalars:
+            cur.take(struct.calcsize(scalars[etype]) * count)  # skipped in one read
         else:
             for _ in range(count):
                 _value(cur, etype)
@@ -116,6 +124,8 @@ def parse_header(fetch: Callable[[int, int], bytes], size: int | None = None,
     `size`: how many bytes `fetch` can serve; `file_size`: the whole file's size (default
     `size`), against which every tensor's data range is checked.
     """
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
     file_size = size if file_size is None else file_size
     cur = _Cursor(fetch, size)
     if cur.take(4) != b"GGUF":
