@@ -1,7 +1,7 @@
-"""`forgekit` command line: validate, plan, inspect, new, lock, verify.
+"""`forgekit` command line: build, validate, plan, inspect, new, lock, verify, cache, publish.
 
 Every user-fixable problem is a ForgeError: one line `forgekit: ...` on stderr, exit 2.
-Builds themselves run through doit (`doit build recipe=NAME [locked=1]`).
+`forgekit build` runs the doit task graph of dodo.py through doit's API (doit_main.py).
 """
 
 from __future__ import annotations
@@ -238,8 +238,19 @@ def cmd_new(args) -> int:
         print(f"validated: {report['tensor_count']} output tensors in {len(report['files'])} files "
               f"({human(report['total_bytes'])})")
     ref = args.name if target.parent == (Path.cwd() / "recipes").resolve() else str(target)
-    print(f"build it: doit build recipe={ref}")
+    print(f"build it: forgekit build {ref}")
     return 0
+
+
+# ---------------------------------------------------------------- build
+
+
+def cmd_build(args) -> int:
+    from .doit_main import run_build
+
+    extra = list(args.doit_args)
+    locked = args.locked or "--locked" in extra
+    return run_build(args.recipe, [a for a in extra if a != "--locked"], locked=locked)
 
 
 # ---------------------------------------------------------------- lock
@@ -326,8 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line, one add_argument per option (long on purpose: it is a table,
     and splitting it would scatter the CLI's surface over several functions)."""
     p = argparse.ArgumentParser(prog="forgekit", description="Declarative builds of MTPLX-ready MLX models. "
-                                "Build with `doit build recipe=NAME [locked=1]`.")
+                                "Build with `forgekit build RECIPE`.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    b = sub.add_parser("build", help="build a recipe (incremental, cached); extra arguments go to doit",
+                       description="Build RECIPE through doit: the same tasks and state as `doit build recipe=RECIPE` "
+                                   "in a checkout. Extra arguments are doit's: `-n 2 -P process`, or a doit command "
+                                   "instead of the build: `list --all`, `clean`, `forget`.")
+    b.add_argument("recipe", help="recipe name (./recipes/NAME.yaml, then the packaged recipes) or path")
+    b.add_argument("--locked", action="store_true", help="refuse if a source moved since <output>.lock.json")
+    b.add_argument("doit_args", nargs=argparse.REMAINDER, help="doit options or command")
+    b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="check a recipe: schema, sources, every rule matches")
     v.add_argument("recipe", help="recipe name (recipes/NAME.yaml) or path")
@@ -382,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", help="show (ls), prune (gc) or re-hash (verify) the object cache")
     c.add_argument("action", choices=["ls", "gc", "verify"])
-    c.add_argument("--root", help="cache directory (default: $FORGEKIT_CACHE or ./cache)")
+    c.add_argument("--root", help="cache directory (default: the one builds use: "
+                   "$FORGEKIT_CACHE, a checkout's cache/, else ~/.cache/forgekit)")
     c.add_argument("--older-than", type=float, metavar="DAYS", help="gc: also drop objects unused this long")
     c.add_argument("--dry-run", action="store_true", help="gc: only say what would go")
     c.add_argument("--json", action="store_true")

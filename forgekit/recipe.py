@@ -19,7 +19,7 @@ from .errors import RecipeError
 from .recipe_yaml import read_yaml
 from .regex_risk import backtracking_risk
 
-PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+USER_RECIPES = "recipes"   # ./recipes/NAME.yaml under the working directory is looked at first
 # The transforms a rule may name. The schema only needs the names (so validating a recipe loads
 # no mlx); plan/transforms.py implements exactly these and checks that it does.
 TRANSFORM_NAMES = ("norm_shift", "norm_unshift", "conv1d_layout")
@@ -189,6 +189,15 @@ def _merge(parent: Any, child: Any) -> Any:
     return child
 
 
+def packaged_recipes() -> Path:
+    """The recipes shipped inside the package (forgekit/recipes/, with the demo's fixture).
+    A plain directory on disk: recipes name files relative to themselves, so a zipped install
+    is not supported."""
+    from importlib.resources import files
+
+    return Path(str(files("forgekit") / "recipes"))
+
+
 def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
     """A recipe name (`qwythos-9b`) or a path (`x/y.yaml`) → the recipe file.
 
@@ -200,7 +209,7 @@ def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
     if is_path:
         candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
     else:
-        dirs = [d for d in (relative_to, Path.cwd() / "recipes", PACKAGED_RECIPES) if d is not None]
+        dirs = [d for d in (relative_to, Path.cwd() / USER_RECIPES, packaged_recipes()) if d is not None]
         candidates = [d / f"{ref}.yaml" for d in dirs]
     for c in candidates:
         if c.is_file():
