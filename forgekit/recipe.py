@@ -148,6 +148,20 @@ class VerifyStep(Frozen):
     params: dict[str, Any] = {}
 
 
+class Card(Frozen):
+    """What the model card says that the sources cannot tell (each field overrides a default)."""
+
+    title: Optional[str] = Field(None, description="heading of the card (default: the recipe name)")
+    repo: Optional[str] = Field(None, description="the Hub repo the build is published as (usage lines name it; "
+                                                  "`forgekit publish --repo` fills it in otherwise)")
+    license: Optional[str] = Field(None, description="Hub license id (default: the body's card or config)")
+    license_name: Optional[str] = Field(None, description="with license: other")
+    license_link: Optional[str] = None
+    base_model: Optional[str] = Field(None, description="default: the body's repo id, when the body is a repo")
+    tags: tuple[str, ...] = Field((), description="added to the standard tags")
+    credits: tuple[str, ...] = Field((), description="extra lines for the credits section")
+
+
 def _safe_name(name: str) -> str:
     """The name is the default output dir `build/<name>`: one plain path component, printable."""
     if not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
@@ -167,6 +181,7 @@ class Recipe(Frozen):
     config: ConfigEdits = ConfigEdits()
     runtime: dict[str, Any] = {}
     verify: tuple[VerifyStep, ...] = ()
+    card: Card = Card()
     # Not part of the user's YAML: filled in by the loader.
     recipe_file: str = ""
     recipe_files: tuple[str, ...] = ()
