@@ -7,6 +7,7 @@ named by file name and digest, never by a path of the builder's machine.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -184,11 +185,20 @@ def sampling(plan: BuildPlan) -> list[str]:
     return _table(tuple(sampler), [tuple(sampler.values())])
 
 
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[\w.+-]+/)+([\w.+-]*)")
+
+
+def without_paths(text: str) -> str:
+    """A step's message with every absolute path cut to its last part (a skip reason quotes an
+    exception, which may name files of the builder's machine)."""
+    return _ABSOLUTE_PATH.sub(lambda m: m.group(1) or "/", text)
+
+
 def verification_table(verification: dict) -> list[str]:
     rows = []
     for r in verification.get("results", []):
         verdict = "FAILED" if not r.get("passed") else "skipped" if r.get("skipped") else "passed"
-        rows.append((r["step"], verdict, headline(r).removeprefix("skipped: ")))
+        rows.append((r["step"], verdict, without_paths(headline(r).removeprefix("skipped: "))))
     return _table(("step", "result", "headline"), rows) if rows else ["No verification step ran."]
 
 
@@ -221,7 +231,7 @@ def model_card(plan: BuildPlan, config: dict, digests: dict, verification: dict,
         f"# {r.card.title or r.name}", "", r.description or default, "", head_origin(plan), "",
         "## Architecture", "", *architecture(plan, config), "",
         "## Quantization and size", "", *quantization(plan, sizes), "",
-        "## Usage", "", *usage(plan, r.card.repo or r.output_dir().name), "",
+        "## Usage", "", *usage(plan, r.card.repo or r.name), "",
         "## Default sampling", "", *sampling(plan), "",
         "## Verification", "", f"Status: `{status}` (CPU, forgekit {__version__}).", "", *verification_table(verification), "",
         "Speed (tokens/s) is not measured here: it needs Apple silicon (`mtplx forge verify DIR --stamp`).", "",

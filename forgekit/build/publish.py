@@ -56,6 +56,7 @@ def _write_manifest(plan: BuildPlan, keys: BuildKeys, staging: Path, record: dic
             known = record["files"].get(p.name)
             files[p.name] = known if known is not None else hash_file(p)
     atomic_write_json(staging / MANIFEST, {"build_key": keys.build_key, "recipe": plan.recipe.name,
+                                           "recipe_file": plan.recipe.recipe_file,  # `forgekit verify DIR`
                                            "files": files, "objects": dict(keys.file_keys),
                                            "forgekit": __version__})
     return files
