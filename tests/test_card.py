@@ -78,6 +78,12 @@ def test_no_path_of_the_builders_machine(demo_card, built_demo):
     assert "| mtp | local | - | `tiny-MTP-BF16.gguf` xxh3-128 `" in demo_card
 
 
+def test_no_published_file_names_a_path_of_the_builders_machine(built_demo):
+    for name in ("mtplx_runtime.json", "config.json", "README.md"):
+        text = (built_demo / name).read_text()
+        assert str(ROOT) not in text and str(built_demo.parent) not in text, name
+
+
 def test_the_path_check_catches_a_path():
     assert ABSOLUTE_PATH.search("- **body**: /home/me/models/body; stored as BF16")
     assert ABSOLUTE_PATH.search("| body | `/tmp/x/body` |")

@@ -121,5 +121,7 @@ def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
     rt["verified_on"] = {"machine": f"{platform.system()} {platform.machine()}", "device": "cpu",
                          "tool": f"forgekit {__version__}", "python": platform.python_version(),
                          "mtplx_runtime": mtplx_runtime_check(verification)}
-    rt["provenance"] = {"recipe": plan.recipe.name, "sources": source_summary(plan, digests)}
+    sources = [{**s, "path": Path(s["path"]).name} if s.get("path") else s  # published: no path of this machine
+               for s in source_summary(plan, digests)]
+    rt["provenance"] = {"recipe": plan.recipe.name, "sources": sources}
     return rt
