@@ -1,7 +1,7 @@
-"""`forgekit` command line: validate, plan, inspect, new, lock, verify.
+"""`forgekit` command line: build, validate, plan, inspect, new, lock, verify, cache, publish.
 
 Every user-fixable problem is a ForgeError: one line `forgekit: ...` on stderr, exit 2.
-Builds themselves run through doit (`doit build recipe=NAME [locked=1]`).
+`forgekit build` runs the doit task graph of dodo.py through doit's API (doit_main.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import ForgeError
 
-DEFAULT_BASE = "qwen3.5-dense-mtp"
+
 
 
 # ---------------------------------------------------------------- output helpers
@@ -238,8 +238,19 @@ def cmd_new(args) -> int:
         print(f"validated: {report['tensor_count']} output tensors in {len(report['files'])} files "
               f"({human(report['total_bytes'])})")
     ref = args.name if target.parent == (Path.cwd() / "recipes").resolve() else str(target)
-    print(f"build it: doit build recipe={ref}")
+    print(f"build it: forgekit build {ref}")
     return 0
+
+
+# ---------------------------------------------------------------- build
+
+
+def cmd_build(args) -> int:
+    from .doit_main import run_build
+
+    extra = list(args.doit_args)
+    locked = args.locked or "--locked" in extra
+    return run_build(args.recipe, [a for a in extra if a != "--locked"], locked=locked)
 
 
 # ---------------------------------------------------------------- lock
@@ -269,20 +280,50 @@ def cmd_lock(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from .build.published_dir import recorded_recipe
     from .verify import verify_directory
 
     directory = Path(args.directory)
     if not directory.is_dir():
         raise ForgeError(f"{directory}: not a directory")
+    recipe = args.recipe or recorded_recipe(directory)
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
-        report = verify_directory(directory, args.recipe)
+        report = verify_directory(directory, recipe)
     if args.json:
         _print_json(report)
     else:
         passed = report.get("passed", True) if isinstance(report, dict) else True
         steps = ", ".join(report.get("steps", [])) if isinstance(report, dict) else ""
-        print(f"{'ok' if passed else 'FAILED'}: {directory} verified against recipe {args.recipe} ({steps})")
+        print(f"{'ok' if passed else 'FAILED'}: {directory} verified against recipe {recipe} ({steps})")
+    return 0
+
+
+# ---------------------------------------------------------------- publish
+
+
+def cmd_publish(args) -> int:
+    from .hub_publish import prepare, publish, refusal
+
+    directory = Path(args.directory)
+    if not directory.is_dir():
+        raise ForgeError(f"{directory}: not a directory")
+    upload = prepare(directory, args.repo)
+    if args.dry_run:
+        verdict = "would publish" if not upload.problems else (
+            "would publish with --force (card marked unverified)" if args.force else "would refuse")
+        print(f"{verdict} {directory} to {args.repo}@{args.revision or 'main'}"
+              f"{' (private)' if args.private else ''}: {len(upload.files)} file(s); commit '{upload.message}'")
+        for name in upload.files:
+            print(f"  {name}  {human((directory / name).stat().st_size)}")
+        for problem in upload.problems:
+            print(f"  ! {problem}")
+        return 0 if not upload.problems or args.force else 2
+    if upload.problems and not args.force:
+        raise ForgeError(refusal(upload, directory))
+    info = publish(upload, args.repo, private=args.private, revision=args.revision, force=args.force)
+    print(f"published {directory} to {args.repo}@{args.revision or 'main'}: {len(upload.files)} file(s), "
+          f"{getattr(info, 'commit_url', info)}")
     return 0
 
 
@@ -323,71 +364,9 @@ def cmd_cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line, one add_argument per option (long on purpose: it is a table,
-    and splitting it would scatter the CLI's surface over several functions)."""
-    p = argparse.ArgumentParser(prog="forgekit", description="Declarative builds of MTPLX-ready MLX models. "
-                                "Build with `doit build recipe=NAME [locked=1]`.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from .cli_parser import make_parser
 
-    v = sub.add_parser("validate", help="check a recipe: schema, sources, every rule matches")
-    v.add_argument("recipe", help="recipe name (recipes/NAME.yaml) or path")
-    v.add_argument("--json", action="store_true")
-    v.add_argument("--schema-only", action="store_true", help="do not open the sources")
-    v.add_argument("--locked", action="store_true", help="also fail if the sources moved since the lock file")
-    v.set_defaults(func=cmd_validate)
-
-    pl = sub.add_parser("plan", help="dry run: every output tensor, its source, transforms, quantization, bytes")
-    pl.add_argument("recipe")
-    pl.add_argument("--json", action="store_true")
-    pl.add_argument("--summary", action="store_true", help="totals and warnings only")
-    pl.add_argument("--locked", action="store_true", help="also fail if the sources moved since the lock file")
-    pl.set_defaults(func=cmd_plan)
-
-    i = sub.add_parser("inspect", help="list tensors and metadata of a safetensors dir/file, a GGUF or a cached HF repo")
-    i.add_argument("source", help="path, or org/name from the local Hugging Face cache")
-    i.add_argument("--revision", help="for a repo id (default main)")
-    i.add_argument("--file", help="for a repo id: one file in it, e.g. X-MTP-BF16.gguf")
-    i.add_argument("--match", help="only list tensors whose name contains this regex")
-    i.add_argument("--norms", action="store_true", help="read the norm gains; tell zero-centred from absolute")
-    i.add_argument("--stats", metavar="REGEX", help="mean/std/min/max of tensors whose name full-matches REGEX")
-    i.add_argument("--summary", action="store_true", help="no tensor table")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_inspect)
-
-    n = sub.add_parser("new", help="write a recipe for a finetune, extending the base recipe, and validate it")
-    n.add_argument("name")
-    n.add_argument("--body", required=True, help="model dir, or org/name[@revision]")
-    n.add_argument("--mtp", required=True, help="GGUF path, org/name/FILE.gguf[@revision], a safetensors "
-                   "dir/repo carrying mtp.* keys, or 'body' (the body's own head)")
-    n.add_argument("--output", help="output directory of the build (default: build/NAME under the working dir)")
-    n.add_argument("--base", default=DEFAULT_BASE, help=f"recipe to extend (default {DEFAULT_BASE})")
-    n.add_argument("--dir", default="recipes", help="where to write NAME.yaml (default ./recipes)")
-    n.add_argument("--out", help="exact recipe file to write (overrides --dir)")
-    n.add_argument("--description")
-    n.add_argument("--force", action="store_true", help="overwrite an existing recipe")
-    n.add_argument("--no-validate", action="store_true", help="write without opening the sources")
-    n.set_defaults(func=cmd_new)
-
-    lk = sub.add_parser("lock", help="record the sources' resolved commits and digests (<output>.lock.json)")
-    lk.add_argument("recipe")
-    lk.add_argument("--check", action="store_true", help="only compare the sources with the lock file")
-    lk.add_argument("--lock", help="lock file path (default: <output dir>.lock.json)")
-    lk.set_defaults(func=cmd_lock)
-
-    vf = sub.add_parser("verify", help="run a recipe's verify steps on an existing output directory")
-    vf.add_argument("directory")
-    vf.add_argument("--recipe", required=True)
-    vf.add_argument("--json", action="store_true")
-    vf.set_defaults(func=cmd_verify)
-
-    c = sub.add_parser("cache", help="show (ls), prune (gc) or re-hash (verify) the object cache")
-    c.add_argument("action", choices=["ls", "gc", "verify"])
-    c.add_argument("--root", help="cache directory (default: $FORGEKIT_CACHE or ./cache)")
-    c.add_argument("--older-than", type=float, metavar="DAYS", help="gc: also drop objects unused this long")
-    c.add_argument("--dry-run", action="store_true", help="gc: only say what would go")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_cache)
-    return p
+    return make_parser({name[4:]: fn for name, fn in globals().items() if name.startswith("cmd_")})
 
 
 def main(argv: list[str] | None = None) -> int:

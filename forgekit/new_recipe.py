@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -38,7 +39,7 @@ def _flow(spec: dict) -> str:
 
 def recipe_text(name: str, base: str, body: dict, mtp: dict, output: str | None, description: str) -> str:
     lines = ["# Recipe written by `forgekit new`. Check it with `forgekit validate` / `forgekit plan`,",
-             f"# build it with `doit build recipe={name}`. Everything not named here comes from {base}.",
+             f"# build it with `forgekit build {name}`. Everything not named here comes from {base}.",
              f"extends: {base}", f"name: {name}"]
     if description:
         lines.append(f"description: {json.dumps(description)}")
@@ -65,9 +66,11 @@ def new_recipe(args, validate) -> tuple[Path, str, dict | None]:
         raise ForgeError(f"{target} already exists (use --force to overwrite)")
     output = str(Path(args.output).expanduser().resolve()) if args.output else None
     text = recipe_text(args.name, args.base, body, mtp, output, args.description or "")
+    created = _missing_dirs(target.parent)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.stem}.new-{os.getpid()}.yaml"  # validated before it takes the name
     report = None
+    done = False
     try:
         tmp.write_text(text)
         if not args.no_validate:
@@ -77,6 +80,19 @@ def new_recipe(args, validate) -> tuple[Path, str, dict | None]:
                 msg = str(exc).replace(str(tmp), str(target))
                 raise type(exc)(f"{msg} [recipe not written; fix the sources or pass --no-validate]") from None
         os.replace(tmp, target)
+        done = True
     finally:
         tmp.unlink(missing_ok=True)
+        for d in created if not done else ():  # a refused recipe leaves no empty recipes/ behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
     return target, text, report
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    """`directory` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    return missing

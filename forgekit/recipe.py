@@ -19,7 +19,7 @@ from .errors import RecipeError
 from .recipe_yaml import read_yaml
 from .regex_risk import backtracking_risk
 
-PACKAGED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+USER_RECIPES = "recipes"   # ./recipes/NAME.yaml under the working directory is looked at first
 # The transforms a rule may name. The schema only needs the names (so validating a recipe loads
 # no mlx); plan/transforms.py implements exactly these and checks that it does.
 TRANSFORM_NAMES = ("norm_shift", "norm_unshift", "conv1d_layout")
@@ -148,6 +148,20 @@ class VerifyStep(Frozen):
     params: dict[str, Any] = {}
 
 
+class Card(Frozen):
+    """What the model card says that the sources cannot tell (each field overrides a default)."""
+
+    title: Optional[str] = Field(None, description="heading of the card (default: the recipe name)")
+    repo: Optional[str] = Field(None, description="the Hub repo the build is published as (usage lines name it; "
+                                                  "`forgekit publish --repo` fills it in otherwise)")
+    license: Optional[str] = Field(None, description="Hub license id (default: the body's card or config)")
+    license_name: Optional[str] = Field(None, description="with license: other")
+    license_link: Optional[str] = None
+    base_model: Optional[str] = Field(None, description="default: the body's repo id, when the body is a repo")
+    tags: tuple[str, ...] = Field((), description="added to the standard tags")
+    credits: tuple[str, ...] = Field((), description="extra lines for the credits section")
+
+
 def _safe_name(name: str) -> str:
     """The name is the default output dir `build/<name>`: one plain path component, printable."""
     if not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
@@ -167,6 +181,7 @@ class Recipe(Frozen):
     config: ConfigEdits = ConfigEdits()
     runtime: dict[str, Any] = {}
     verify: tuple[VerifyStep, ...] = ()
+    card: Card = Card()
     # Not part of the user's YAML: filled in by the loader.
     recipe_file: str = ""
     recipe_files: tuple[str, ...] = ()
@@ -189,6 +204,15 @@ def _merge(parent: Any, child: Any) -> Any:
     return child
 
 
+def packaged_recipes() -> Path:
+    """The recipes shipped inside the package (forgekit/recipes/, with the demo's fixture).
+    A plain directory on disk: recipes name files relative to themselves, so a zipped install
+    is not supported."""
+    from importlib.resources import files
+
+    return Path(str(files("forgekit") / "recipes"))
+
+
 def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
     """A recipe name (`qwythos-9b`) or a path (`x/y.yaml`) → the recipe file.
 
@@ -200,7 +224,7 @@ def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
     if is_path:
         candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
     else:
-        dirs = [d for d in (relative_to, Path.cwd() / "recipes", PACKAGED_RECIPES) if d is not None]
+        dirs = [d for d in (relative_to, Path.cwd() / USER_RECIPES, packaged_recipes()) if d is not None]
         candidates = [d / f"{ref}.yaml" for d in dirs]
     for c in candidates:
         if c.is_file():

@@ -5,7 +5,7 @@ calls) and validated: a bad value is one ForgeError line naming the variable, ne
 traceback. Knobs that exist only so the test suite can drive corner cases are named
 FORGEKIT_TEST_*; users never need them.
 
-    FORGEKIT_CACHE                  cache root (default ./cache)
+    FORGEKIT_CACHE                  cache root (default: see cache_root)
     FORGEKIT_JOBS                   processes working on a shard, parent included (default: cores, at most 8)
     FORGEKIT_LOCK_WAIT              seconds to wait for another build of the same output (default: forever)
     FORGEKIT_COPY_OUTPUTS           1: outputs never share inodes with cache objects (default 0)
@@ -48,9 +48,23 @@ def _flag(name: str) -> bool:
     return raw == "1"
 
 
+def checkout_root() -> Path | None:
+    """The source checkout forgekit runs from (the directory holding dodo.py, pyproject.toml and
+    this package), or None for an installed package."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "dodo.py").is_file() and (root / "pyproject.toml").is_file() else None
+
+
 def cache_root() -> Path:
-    """The cache directory (not created here: whoever writes into it creates it)."""
-    return Path(_raw("FORGEKIT_CACHE") or "cache").resolve()
+    """The cache directory, the same wherever a command runs (not created here: whoever writes
+    into it creates it): FORGEKIT_CACHE; else `cache/` of the source checkout forgekit runs
+    from; else the user's cache directory, $XDG_CACHE_HOME/forgekit (default ~/.cache/forgekit)."""
+    if _raw("FORGEKIT_CACHE"):
+        return Path(_raw("FORGEKIT_CACHE")).expanduser().resolve()
+    checkout = checkout_root()
+    if checkout is not None:
+        return checkout / "cache"
+    return Path(_raw("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser().resolve() / "forgekit"
 
 
 def jobs() -> int | None:

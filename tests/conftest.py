@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "tiny"
+FIXTURE = (ROOT / "tests" / "fixtures" / "tiny").resolve()  # ships in forgekit/recipes/tiny (package data)
 BODY = FIXTURE / "body"
 BODY_WITH_MTP = FIXTURE / "body-with-mtp"
 HEAD_GGUF = FIXTURE / "tiny-MTP-BF16.gguf"
-DEMO_RECIPE = ROOT / "recipes" / "tiny-demo.yaml"
+DEMO_RECIPE = (ROOT / "recipes" / "tiny-demo.yaml").resolve()
 
 
 def write_recipe(directory: Path, text: str, name: str = "recipe.yaml") -> Path:

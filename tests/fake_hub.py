@@ -2,13 +2,17 @@
 
 Serves what huggingface_hub's download paths call: `HEAD|GET /{repo}/resolve/{rev}/{file}`
 (with `Range` support unless `refuse_ranges`), `GET /api/models/{repo}/revision/{rev}` and
-`GET /api/models/{repo}/tree/{rev}`. Every request is logged with the bytes of body sent,
+`GET /api/models/{repo}/tree/{rev}`; and what its upload paths call (`upload_folder` ->
+`create_commit`): `POST /api/repos/create`, `/api/models/{repo}/branch/{branch}`,
+`/api/validate-yaml`, `/api/models/{repo}/preupload/{rev}` (every file "regular", so its bytes
+come inline) and `/api/models/{repo}/commit/{rev}`, recorded in `commits`. Every request is logged with the bytes of body sent,
 so tests can assert exactly what was downloaded. Point huggingface_hub at it with
 `HF_ENDPOINT=<server.url>` (a subprocess) or `huggingface_hub.constants.ENDPOINT` (in process).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import re
@@ -36,8 +40,20 @@ class Repo:
 
 
 @dataclass
+class Commit:
+    repo: str
+    revision: str
+    summary: str
+    description: str
+    files: dict[str, bytes]
+
+
+@dataclass
 class FakeHub:
     repos: dict[str, Repo] = field(default_factory=dict)
+    created: dict[str, dict] = field(default_factory=dict)     # repo id -> create_repo payload
+    branches: list[tuple[str, str]] = field(default_factory=list)
+    commits: list[Commit] = field(default_factory=list)
     refuse_ranges: bool = False
     log: list[Request] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,6 +127,41 @@ def make_handler(hub: FakeHub):
             if repo is None or (rev != repo.commit and rev not in repo.branches):
                 return None
             return repo
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def do_POST(self):
+            path = unquote(urlsplit(self.path).path)
+            body = self._body()
+            if path == "/api/repos/create":
+                payload = json.loads(body)
+                repo_id = f"{payload['organization']}/{payload['name']}"
+                with hub.lock:
+                    hub.created[repo_id] = payload
+                return self._send_json({"url": f"{hub.url}/{repo_id}", "name": repo_id})
+            if path == "/api/validate-yaml":
+                return self._send_json({"errors": [], "warnings": []})
+            m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(branch|preupload|commit)/(.+)", path)
+            if m is None or m.group(1) not in hub.created:
+                return self._not_found("repo")
+            repo_id, kind, rev = m.groups()
+            if kind == "branch":
+                with hub.lock:
+                    hub.branches.append((repo_id, rev))
+                return self._send_json({})
+            if kind == "preupload":
+                files = json.loads(body)["files"]
+                return self._send_json({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                  for f in files]})
+            lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+            header = next(x["value"] for x in lines if x["key"] == "header")
+            files = {x["value"]["path"]: base64.b64decode(x["value"]["content"]) for x in lines if x["key"] == "file"}
+            with hub.lock:
+                hub.commits.append(Commit(repo_id, rev, header["summary"], header.get("description") or "", files))
+            oid = hashlib.sha1(body).hexdigest()
+            return self._send_json({"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
+                                    "pullRequestUrl": None})
 
         def do_HEAD(self):
             self._resolve(head=True)

@@ -277,7 +277,7 @@ def test_new_writes_a_validated_recipe_and_doit_builds_it(tmp_path, built_demo):
     lines = proc.stdout.splitlines()
     assert lines[0] == f"wrote {recipe}"
     assert any(line.startswith("validated: ") and "output tensors in 2 files" in line for line in lines)
-    assert lines[-1] == "build it: doit build recipe=my-finetune"
+    assert lines[-1] == "build it: forgekit build my-finetune"
     assert not [p for p in recipe.parent.iterdir() if p.name != "my-finetune.yaml"]
 
     build = run_doit("my-finetune", tmp_path)

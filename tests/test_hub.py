@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from huggingface_hub import ModelCard
+
 from conftest import BODY, HEAD_GGUF, ROOT, run_doit, write_recipe
 
 from forgekit.recipe import load_recipe
@@ -38,7 +40,9 @@ def test_qwythos_recipe_builds_from_offline_hub_cache(tmp_path):
     assert mtp.file == "Qwythos-9B-Claude-Mythos-5-1M-MTP-BF16.gguf"
 
     hub = tmp_path / "hub"
-    body_files = {p.name: p for p in BODY.iterdir() if p.is_file()}
+    body_card = tmp_path / "body-README.md"  # the body repo's own card: its license is inherited
+    body_card.write_text("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n\n# Qwythos\n")
+    body_files = {p.name: p for p in BODY.iterdir() if p.is_file()} | {"README.md": body_card}
     body_commit = populate_hub_cache(hub, body_repo, body_files, qwythos.sources["body"].revision)
     head_commit = populate_hub_cache(hub, mtp.repo, {mtp.file: HEAD_GGUF}, mtp.revision)
 
@@ -53,7 +57,13 @@ def test_qwythos_recipe_builds_from_offline_hub_cache(tmp_path):
     sources = {s["role"]: s for s in runtime["provenance"]["sources"]}
     assert sources["body"]["repo"] == body_repo and sources["body"]["commit"] == body_commit
     assert sources["mtp"]["repo"] == mtp.repo and sources["mtp"]["commit"] == head_commit
-    assert body_commit in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"| body | `{body_repo}` | `{body_commit}` |" in card
+    assert f"| mtp | `{mtp.repo}` | `{head_commit}` | `{mtp.file}` |" in card
+    data = ModelCard(card).data.to_dict()
+    assert (data["license"], data["base_model"], data["library_name"]) == ("apache-2.0", body_repo, "mlx")
+    assert "License: `apache-2.0`, inherited from the body (empero-ai/Qwythos-9B-Claude-Mythos-5-1M)." in card
+    assert str(tmp_path) not in card
 
 
 def test_offline_hub_without_cached_repo_fails_cleanly(tmp_path):

@@ -30,7 +30,7 @@ from .store import FORMAT_VERSION
 _PACKAGE = Path(__file__).resolve().parent.parent
 # The code that decides the non-tensor output (meta files, verification, staging and
 # publishing): a real change to it re-runs stage/verify/publish, never the shards.
-OUTPUT_CODE = ("build/outputs.py", "build/stage.py", "build/publish.py", "mtp_head.py", "verify/*.py")
+OUTPUT_CODE = ("build/outputs.py", "build/card.py", "build/stage.py", "build/publish.py", "mtp_head.py", "verify/*.py")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ def build_keys(plan: BuildPlan, pool=None) -> BuildKeys:
         "index": outputs.index_json(plan) if plan.indexed_files else None,
         "verify": [s.model_dump() for s in r.verify], "runtime": r.runtime,
         "provenance": plan.provenance, "description": r.description, "name": r.name,
+        "card": r.card.model_dump(),
         "recipe_files": [Path(f).name for f in r.recipe_files],  # the model card names them
         "code": code_digest(), "forgekit": __version__,
         "host": [platform.system(), platform.machine(), platform.python_version()],  # mtplx_runtime.json

@@ -121,23 +121,7 @@ def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
     rt["verified_on"] = {"machine": f"{platform.system()} {platform.machine()}", "device": "cpu",
                          "tool": f"forgekit {__version__}", "python": platform.python_version(),
                          "mtplx_runtime": mtplx_runtime_check(verification)}
-    rt["provenance"] = {"recipe": plan.recipe.name, "sources": source_summary(plan, digests)}
+    sources = [{**s, "path": Path(s["path"]).name} if s.get("path") else s  # published: no path of this machine
+               for s in source_summary(plan, digests)]
+    rt["provenance"] = {"recipe": plan.recipe.name, "sources": sources}
     return rt
-
-
-def model_card(plan: BuildPlan, digests: dict, verification: dict) -> str:
-    r = plan.recipe
-    lines = [f"# {r.name}", "", r.description or "Built with forgekit.", "",
-             "MLX model for mlx-lm / MTPLX: body quantized per the recipe, MTP head in "
-             f"`{', '.join(plan.sidecar_files) or '-'}` (not indexed).", "", "## Provenance", ""]
-    for s in source_summary(plan, digests):
-        where = s.get("path") or f"{s['repo']}@{s['revision']} (commit {s['commit']})" + (f" file {s['file']}" if s.get("file") else "")
-        lines.append(f"- **{s['role']}**: {where}; stored as {', '.join(x for x in s['stored_as'] if x) or 'n/a'}")
-        for name, digest in s["files"].items():
-            lines.append(f"  - `{name}` xxh3_128 `{digest}`")
-    lines += ["", f"Recipe: `{Path(r.recipe_file).name}` (chain: {' -> '.join(Path(f).name for f in r.recipe_files)})", "",
-              "## Verification (CPU)", ""]
-    for step, res in verification.get("summary", {}).items():
-        lines.append(f"- {step}: {json.dumps(res, sort_keys=True)}")
-    lines += ["", "Speed on Apple GPU was not measured here.", ""]
-    return "\n".join(lines)

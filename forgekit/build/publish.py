@@ -18,7 +18,7 @@ from ..faults import checkpoint
 from ..fileio import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file, pid_alive
 from ..plan import BuildPlan
 from ..verify import report_table, run_step
-from . import outputs
+from . import card, outputs
 from .keys import BuildKeys
 from .lock import write_lock
 from .stage import ensure_staged, inode_mates, staged, staging_dir
@@ -56,6 +56,7 @@ def _write_manifest(plan: BuildPlan, keys: BuildKeys, staging: Path, record: dic
             known = record["files"].get(p.name)
             files[p.name] = known if known is not None else hash_file(p)
     atomic_write_json(staging / MANIFEST, {"build_key": keys.build_key, "recipe": plan.recipe.name,
+                                           "recipe_file": plan.recipe.recipe_file,  # `forgekit verify DIR`
                                            "files": files, "objects": dict(keys.file_keys),
                                            "forgekit": __version__})
     return files
@@ -71,7 +72,10 @@ def publish(plan: BuildPlan, keys: BuildKeys, pool=None, bodies=None) -> None:
     verification = _verification(plan, staging, bodies)
     atomic_write_json(staging / "forgekit-report.json", verification)
     atomic_write_json(staging / "mtplx_runtime.json", outputs.runtime_json(plan, keys.digests, verification))
-    atomic_write_bytes(staging / "README.md", outputs.model_card(plan, keys.digests, verification).encode())
+    sizes = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file() and p.name != "README.md"}
+    text = card.model_card(plan, outputs.config_json(plan), keys.digests, verification, sizes,
+                           outputs.verification_status(verification))
+    atomic_write_bytes(staging / "README.md", text.encode())
     checkpoint("publish.meta")
     files = _write_manifest(plan, keys, staging, record)
     checkpoint("publish.manifest")
