@@ -21,6 +21,8 @@ from .quant import QuantDecision, QuantRules, config_entries
 from .remap import Table
 from .tensor import TensorPlan
 from .transforms import TRANSFORMS
+from .config_edits import edited_config, set_dotted
+from .shapes import check_shapes
 from .tying import decide_tied
 
 
@@ -150,8 +152,13 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
         raise PlanError(f"{recipe_line(recipe, 'quantization', 'rules', idx)}: quantization.rules[{idx}] "
                         f"rule '{unused[0]}' matched no output module; fix the pattern or mark it optional: true")
     body = sources["body"]
-    tied = decide_tied(recipe, {t.key for t in tensors}, body.config,
-                       body.root / "config.json" if body.root else body.files[0])
+    body_config_file = body.root / "config.json" if body.root else body.files[0]
+    tied = decide_tied(recipe, {t.key for t in tensors}, body.config, body_config_file)
+    if recipe.tied_embeddings is not None:   # shapes against the config the build writes (tie included)
+        config = edited_config(body.config, recipe.config)
+        for dotted in recipe.tied_embeddings.config:
+            set_dotted(config, dotted, tied)
+        check_shapes(tensors, config, body_config_file)
     tensors.sort(key=lambda t: natural_key(t.key))
     files, indexed, sidecars = assign_files(recipe, tensors)
     tensors = [t for f in files.values() for t in f]
