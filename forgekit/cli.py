@@ -87,7 +87,11 @@ def cmd_validate(args) -> int:
     if not args.schema_only:
         from .plan.report import plan_report
 
-        report = plan_report(_plan(args.recipe, args.locked))
+        from .verify.prompts import check_prompts
+
+        plan = _plan(args.recipe, args.locked)
+        report = plan_report(plan)
+        result["prompts_checked"] = check_prompts(plan)   # tokenizer present, ids inside the vocabulary
         result.update({k: report[k] for k in ("sources", "files", "tensor_count", "total_bytes", "dropped", "warnings")})
     if args.json:
         _print_json(result)
@@ -231,6 +235,13 @@ def cmd_new(args) -> int:
     from .new_recipe import new_recipe
     from .plan.report import plan_report
 
+    if args.base is None:              # inspect the sources and pick the base (new_detect.py)
+        from .new_detect import detect
+
+        detected = detect(args.body, args.mtp)
+        args.base = detected.base
+        for fact in detected.facts:
+            print(f"detected {fact}")
     target, text, report = new_recipe(args, lambda path: plan_report(_plan(str(path))))
     print(f"wrote {target}")
     print(text.rstrip())
@@ -360,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--mtp", required=True, help="GGUF path, org/name/FILE.gguf[@revision], a safetensors "
                    "dir/repo carrying mtp.* keys, or 'body' (the body's own head)")
     n.add_argument("--output", help="output directory of the build (default: build/NAME under the working dir)")
-    n.add_argument("--base", default=DEFAULT_BASE, help=f"recipe to extend (default {DEFAULT_BASE})")
+    n.add_argument("--base", help=f"recipe to extend (default: picked from the sources, else {DEFAULT_BASE})")
     n.add_argument("--dir", default="recipes", help="where to write NAME.yaml (default ./recipes)")
     n.add_argument("--out", help="exact recipe file to write (overrides --dir)")
     n.add_argument("--description")

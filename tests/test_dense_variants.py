@@ -15,7 +15,7 @@ import mlx.core as mx
 import pytest
 
 from conftest import BODY, run_doit
-from variants import TIED, text_only, text_only_without, text_recipe, tied_copy, tied_recipe
+from variants import TIED, child_recipe, text_only, text_only_without, text_recipe, tied_copy, tied_recipe
 from forgekit.recipe import VerifyStep
 from forgekit.verify import run_step
 
@@ -168,3 +168,101 @@ def test_a_stated_override_builds_a_tied_body_whose_config_says_untied(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["text_config"]["tie_word_embeddings"] is True
+
+
+# ------------------------------------------------------------ forgekit new picks the base
+
+def new(capsys, tmp_path, *args):
+    from forgekit.cli import main
+
+    code = main(["new", "x", "--dir", str(tmp_path / "recipes"), "--force", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_new_picks_the_text_only_base_and_says_what_it_found(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FORGEKIT_CACHE", str(tmp_path / "cache"))
+    from conftest import HEAD_GGUF
+
+    code, out, err = new(capsys, tmp_path, "--body", text_only(tmp_path / "text"), "--mtp", HEAD_GGUF)
+    assert code == 0, err
+    assert "detected body: dense, text-only save (Qwen3_5ForCausalLM, flat keys) -> base qwen3.5-text-mtp" in out
+    assert "detected embeddings: untied (lm_head.weight present)" in out
+    assert "detected head: GGUF block blk.4 (15 tensors), stored BF16, F32" in out
+    assert "\nextends: qwen3.5-text-mtp\n" in (tmp_path / "recipes" / "x.yaml").read_text()
+
+
+def test_new_on_a_tied_body_with_its_own_head(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FORGEKIT_CACHE", str(tmp_path / "cache"))
+    code, out, err = new(capsys, tmp_path, "--body", TIED, "--mtp", "body")
+    assert code == 0, err
+    assert "-> base qwen3.5-dense-mtp" in out and "detected embeddings: tied (no lm_head.weight" in out
+    assert "detected head: the body's own mtp.* keys: mtp.* (15 tensors), stored bfloat16" in out
+
+
+def test_new_names_a_contradicting_config_and_a_missing_moe_base(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FORGEKIT_CACHE", str(tmp_path / "cache"))
+    from forgekit.new_detect import BASES, detect
+    from forgekit.recipe import PACKAGED_RECIPES
+
+    facts = detect(str(tied_copy(tmp_path / "tied", tie_word_embeddings=False)), "body").facts
+    assert any("tied (no lm_head.weight" in f and "config.json says tie_word_embeddings: false" in f for f in facts)
+    moe_body = TIED.parent / "tiny_moe" / "body"
+    code, out, err = new(capsys, tmp_path, "--body", moe_body, "--mtp", TIED.parent / "tiny_moe" / "head.gguf")
+    moe_base = BASES["qwen3_5_moe"][0]
+    if (PACKAGED_RECIPES / f"{moe_base}.yaml").exists():
+        assert f"-> base {moe_base}" in out
+    else:
+        assert code == 2 and out == ""
+        assert err == (f"forgekit: --body {moe_body}: a MoE Qwen3.5 (model_type qwen3_5_moe) needs the base "
+                       f"recipe '{moe_base}', which is not installed here; pass --base\n")
+
+
+# ------------------------------------------------------------ validate: head shapes, tokenizer, prompt ids
+
+def validate(capsys, recipe):
+    from forgekit.cli import main
+
+    code = main(["validate", str(recipe)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_validate_refuses_a_head_of_another_width(tmp_path, capsys):
+    from conftest import BODY_WITH_MTP
+
+    weights = mx.load(str(BODY_WITH_MTP / "model.safetensors"))
+    fc = weights["mtp.fc.weight"]
+    weights["mtp.fc.weight"] = mx.concatenate([mx.concatenate([fc, fc], axis=1)] * 2, axis=0)   # [128, 256]
+    head = tmp_path / "wide-head.safetensors"
+    mx.save_safetensors(str(head), weights, metadata={"format": "pt"})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(child_recipe("qwen3.5-dense-mtp", BODY, f"{{path: {head}, table: mtp_hf}}", tmp_path / "o"))
+    code, out, err = validate(capsys, recipe)
+    assert code == 2 and out == ""
+    assert err == (f"forgekit: {head}: head tensor 'mtp.fc.weight' -> 'mtp.fc.weight' has shape [128, 256], "
+                   f"the body config says [64, 128]: a head from a model of another size\n")
+
+
+def test_validate_refuses_text_prompts_without_a_tokenizer(tmp_path, capsys):
+    body = text_only(tmp_path / "text")
+    (body / "tokenizer.json").unlink()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text_recipe(body, tmp_path / "o"))
+    code, out, err = validate(capsys, recipe)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert re.fullmatch(rf"forgekit: {re.escape(str(recipe))}:\d+: verify step 'parity' has text prompts but the "
+                        rf"body \({re.escape(str(body))}\) has no tokenizer .*\n", err), err
+
+
+def test_validate_refuses_a_prompt_id_outside_the_vocabulary(tmp_path, capsys):
+    body = text_only(tmp_path / "text")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text_recipe(body, tmp_path / "o", verify="verify:\n  - {step: mtp, params: {prompts: [[1, 97, 128]]}}\n"))
+    code, out, err = validate(capsys, recipe)
+    assert code == 2
+    assert re.search(r"r\.yaml:\d+: verify\.0 \(mtp\) prompt 0 has token id 128 outside the body's vocabulary "
+                     r"\(vocab_size 128\)", err), err
+    recipe.write_text(text_recipe(body, tmp_path / "o"))
+    code, out, err = validate(capsys, recipe)
+    assert code == 0, err
