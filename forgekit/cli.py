@@ -88,10 +88,8 @@ def cmd_validate(args) -> int:
         from .plan.report import plan_report
 
         from .verify.prompts import check_prompts
-
         plan = _plan(args.recipe, args.locked)
-        report = plan_report(plan)
-        result["prompts_checked"] = check_prompts(plan)   # tokenizer present, ids inside the vocabulary
+        report, result["prompts_checked"] = plan_report(plan), check_prompts(plan)  # tokenizer covers prompts
         result.update({k: report[k] for k in ("sources", "files", "tensor_count", "total_bytes", "dropped", "warnings")})
     if args.json:
         _print_json(result)
@@ -235,13 +233,9 @@ def cmd_new(args) -> int:
     from .new_recipe import new_recipe
     from .plan.report import plan_report
 
-    if args.base is None:              # inspect the sources and pick the base (new_detect.py)
-        from .new_detect import detect
-
-        detected = detect(args.body, args.mtp)
-        args.base = detected.base
-        for fact in detected.facts:
-            print(f"detected {fact}")
+    if args.base is None:              # inspect the sources and pick the base (prints what it found)
+        from .new_detect import pick_base
+        args.base = pick_base(args.body, args.mtp)
     target, text, report = new_recipe(args, lambda path: plan_report(_plan(str(path))))
     print(f"wrote {target}")
     print(text.rstrip())

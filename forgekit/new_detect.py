@@ -102,3 +102,11 @@ def detect(body_ref: str, mtp_ref: str) -> Detected:
                          f"the base recipe '{base}', which is not installed here; pass --base") from None
     facts = [f"body: {kind} -> base {base}", f"embeddings: {_tie(body)}", _head(body, mtp_ref)]
     return Detected(base, facts)
+
+
+def pick_base(body_ref: str, mtp_ref: str) -> str:
+    """`detect`, printing one `detected ...` line per fact; returns the base recipe name."""
+    detected = detect(body_ref, mtp_ref)
+    for fact in detected.facts:
+        print(f"detected {fact}")
+    return detected.base
