@@ -87,7 +87,9 @@ def cmd_validate(args) -> int:
     if not args.schema_only:
         from .plan.report import plan_report
 
-        report = plan_report(_plan(args.recipe, args.locked))
+        from .verify.prompts import check_prompts
+        plan = _plan(args.recipe, args.locked)
+        report, result["prompts_checked"] = plan_report(plan), check_prompts(plan)  # tokenizer covers prompts
         result.update({k: report[k] for k in ("sources", "files", "tensor_count", "total_bytes", "dropped", "warnings")})
     if args.json:
         _print_json(result)
@@ -231,6 +233,9 @@ def cmd_new(args) -> int:
     from .new_recipe import new_recipe
     from .plan.report import plan_report
 
+    if args.base is None:              # inspect the sources and pick the base (prints what it found)
+        from .new_detect import pick_base
+        args.base = pick_base(args.body, args.mtp)
     target, text, report = new_recipe(args, lambda path: plan_report(_plan(str(path))))
     print(f"wrote {target}")
     print(text.rstrip())

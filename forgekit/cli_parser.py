@@ -54,7 +54,7 @@ def make_parser(handlers: dict) -> argparse.ArgumentParser:
     n.add_argument("--mtp", required=True, help="GGUF path, org/name/FILE.gguf[@revision], a safetensors "
                    "dir/repo carrying mtp.* keys, or 'body' (the body's own head)")
     n.add_argument("--output", help="output directory of the build (default: build/NAME under the working dir)")
-    n.add_argument("--base", default=DEFAULT_BASE, help=f"recipe to extend (default {DEFAULT_BASE})")
+    n.add_argument("--base", help=f"recipe to extend (default: picked from the sources, else {DEFAULT_BASE})")
     n.add_argument("--dir", default="recipes", help="where to write NAME.yaml (default ./recipes)")
     n.add_argument("--out", help="exact recipe file to write (overrides --dir)")
     n.add_argument("--description")

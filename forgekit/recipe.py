@@ -137,10 +137,22 @@ class Output(Frozen):
 
 
 class ConfigEdits(Frozen):
-    """Edits to the body's config.json: keys dropped (dotted paths) and keys set."""
+    """Edits to the body's config.json, in this order: the whole config nested under one key
+    (`nest`: a flat text-only save -> the nested form), keys dropped (dotted paths), keys set."""
 
+    nest: Optional[str] = None
     drop: tuple[str, ...] = ()
     set: dict[str, Any] = {}
+
+
+class TiedEmbeddings(Frozen):
+    """Tied or untied output embeddings, decided from the tensors present: the model is tied when
+    the plan has no `head` output tensor. Every `config` key (dotted, in the edited config) that
+    states it must agree; a recipe overrides a wrong body config with `config.set` on those keys.
+    The output config states the decision at every `config` key (mlx-lm reads the first)."""
+
+    head: str
+    config: tuple[str, ...] = Field(min_length=1)
 
 
 class VerifyStep(Frozen):
@@ -182,6 +194,7 @@ class Recipe(Frozen):
     runtime: dict[str, Any] = {}
     verify: tuple[VerifyStep, ...] = ()
     card: Card = Card()
+    tied_embeddings: Optional[TiedEmbeddings] = None
     # Not part of the user's YAML: filled in by the loader.
     recipe_file: str = ""
     recipe_files: tuple[str, ...] = ()

@@ -289,6 +289,20 @@ def index_weight_map_list(tmp):
     idx.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
 
 
+def tied_says_untied(tmp):
+    """A tied body (no lm_head.weight) whose config.json says untied."""
+    from variants import tied_copy, tied_recipe
+
+    return tied_recipe(tied_copy(tmp / "tied", tie_word_embeddings=False), tmp / "out", verify="")
+
+
+def text_only_missing_norm(tmp):
+    """A text-only (qwen3_5_text) save without its final norm."""
+    from variants import text_only_without, text_recipe
+
+    return text_recipe(text_only_without(tmp / "text", "model.norm.weight"), tmp / "out", verify="")
+
+
 # ------------------------------------------------------------ what a build may write: ownership, siblings, state
 
 @dataclass(frozen=True)
@@ -479,6 +493,10 @@ CASES = [
     ("gguf-wrong-arch", doctor_body(gguf_wrong_arch), r"head\.gguf: GGUF architecture 'llama' declares no MTP head"),
     ("gguf-no-head-tensors", doctor_body(gguf_no_head), r"rule 'mtp-fc' matched no tensor of source 'mtp' .*head\.gguf"),
     ("gguf-head-wrong-shapes", doctor_body(gguf_head_wrong_shapes), r"mtp\.fc\.weight.*shape"),
+    ("tied-config-says-untied", tied_says_untied,
+     r"tied/config\.json: config says text_config\.tie_word_embeddings: false but the body has no lm_head tensor"),
+    ("text-only-missing-norm", text_only_missing_norm,
+     r"text/config\.json: the body gives no tensor for 'language_model\.model\.norm\.weight'"),
     # ---- hostile input: refused while planning (exit 2) in one line within HOSTILE_TIMEOUT seconds (BOUNDED)
     # recipes: bounded loading, one line naming file:line (and key)
     ("yaml-alias-bomb-runtime", recipe_only(alias_bomb("runtime")), r"recipe\.yaml:\d+: runtime\.all[.\d]*: aliases expand to more than \d+ values"),

@@ -11,36 +11,18 @@ from pathlib import Path
 
 from .. import __version__
 from ..plan import BuildPlan
+from ..plan.config_edits import edited_config, set_dotted
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
 
 
-def _set_dotted(d: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    for p in parents:
-        d = d.setdefault(p, {})
-    d[last] = copy.deepcopy(value)
-
-
-def _drop_dotted(d: dict, dotted: str) -> None:
-    *parents, last = dotted.split(".")
-    for p in parents:
-        d = d.get(p)
-        if not isinstance(d, dict):
-            return
-    d.pop(last, None)
-
-
 def config_json(plan: BuildPlan) -> dict:
     """Body config + recipe edits + mlx-lm's quantization entries (mirrored, like mlx-lm)."""
-    config = copy.deepcopy(plan.body.config or {})
-    for dotted in plan.recipe.config.drop:
-        _drop_dotted(config, dotted)
-    for key in [k for k in config if k.endswith("norm_encoding")]:
-        config.pop(key)
-    for dotted, value in plan.recipe.config.set.items():
-        _set_dotted(config, dotted, value)
+    config = edited_config(plan.body.config, plan.recipe.config)
+    if plan.tied is not None:            # decided from the tensors (plan/tying.py), stated everywhere
+        for dotted in plan.recipe.tied_embeddings.config:
+            set_dotted(config, dotted, plan.tied)
     config["quantization"] = plan.quant_config
     config["quantization_config"] = copy.deepcopy(plan.quant_config)
     return dict(sorted(config.items()))

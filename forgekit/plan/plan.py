@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 from ..dtypes import BY_GGML
 from ..errors import PlanError, SourceError
@@ -20,6 +21,9 @@ from .quant import QuantDecision, QuantRules, config_entries
 from .remap import Table
 from .tensor import TensorPlan
 from .transforms import TRANSFORMS
+from .config_edits import edited_config, set_dotted
+from .shapes import check_shapes
+from .tying import decide_tied
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class BuildPlan:
     provenance: list[dict]
     warnings: list[str] = field(default_factory=list)
     sources: dict[str, TensorSource] = field(default_factory=dict, repr=False)
+    tied: Optional[bool] = None               # tied output embeddings (plan/tying.py); None: not declared
 
     @property
     def body(self) -> TensorSource:
@@ -146,6 +151,14 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
         idx = [r.name for r in recipe.quantization.rules].index(unused[0])
         raise PlanError(f"{recipe_line(recipe, 'quantization', 'rules', idx)}: quantization.rules[{idx}] "
                         f"rule '{unused[0]}' matched no output module; fix the pattern or mark it optional: true")
+    body = sources["body"]
+    body_config_file = body.root / "config.json" if body.root else body.files[0]
+    tied = decide_tied(recipe, {t.key for t in tensors}, body.config, body_config_file)
+    if recipe.tied_embeddings is not None:   # shapes against the config the build writes (tie included)
+        config = edited_config(body.config, recipe.config)
+        for dotted in recipe.tied_embeddings.config:
+            set_dotted(config, dotted, tied)
+        check_shapes(tensors, config, body_config_file)
     tensors.sort(key=lambda t: natural_key(t.key))
     files, indexed, sidecars = assign_files(recipe, tensors)
     tensors = [t for f in files.values() for t in f]
@@ -153,5 +166,5 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
     return BuildPlan(
         recipe=recipe, tensors=tensors, files=files, indexed_files=indexed, sidecar_files=sidecars,
         dropped=dropped, quant_config=config_entries(recipe.quantization.default, trunk_decisions),
-        provenance=provenance or [], warnings=warnings, sources=sources,
+        provenance=provenance or [], warnings=warnings, sources=sources, tied=tied,
     )

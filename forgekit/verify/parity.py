@@ -16,6 +16,7 @@ floats widened, as in the mtp step; the bf16 source runs as stored, dense bf16 i
 from __future__ import annotations
 
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -73,7 +74,10 @@ def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) ->
         _, tokenizer = bodies.load(directory, dtype)
         bodies.clear()                 # one model in memory at a time
         gc.collect()
-        source, _ = load(str(root))
+        # mlx-lm reads the source as the model type the build declares (a flat text-only save
+        # has no mlx-lm module of its own; mlx-lm's qwen3_5 reads a flat config as its text config)
+        built_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        source, _ = load(str(root), model_config={"model_type": built_type} if built_type else None)
         seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
     except Exception as exc:
         return {"passed": False, "cause": f"cannot set up the comparison: {type(exc).__name__}: {exc}"}
