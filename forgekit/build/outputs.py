@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..plan import BuildPlan
+from ..plan.head import dequantized_note, head_entries, head_quantization, sidecar_format
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
@@ -43,6 +44,9 @@ def config_json(plan: BuildPlan) -> dict:
         _set_dotted(config, dotted, value)
     config["quantization"] = plan.quant_config
     config["quantization_config"] = copy.deepcopy(plan.quant_config)
+    head_q = head_quantization(head_entries(plan.tensors, plan.sidecar_files))
+    if head_q:
+        config["mtplx_mtp_quantization"] = head_q
     return dict(sorted(config.items()))
 
 
@@ -70,8 +74,9 @@ def source_summary(plan: BuildPlan, digests: dict[str, dict[str, str]]) -> list[
     for prov in plan.provenance:
         src = plan.sources[prov["role"]]
         stored = sorted({t.stored_as for t in plan.tensors if t.role == prov["role"]})
+        note = dequantized_note([t for t in plan.tensors if t.role == prov["role"]])
         out.append({**prov, "files": {Path(f).name: d for f, d in digests.get(prov["role"], {}).items()},
-                    "stored_as": stored, "format": type(src).__name__})
+                    "stored_as": stored, "format": type(src).__name__, **({"dequantized": note} if note else {})})
     return out
 
 
@@ -108,9 +113,21 @@ def verification_status(verification: dict) -> str:
     return "cpu_verified_by_forgekit"
 
 
+def head_summary(plan: BuildPlan) -> dict:
+    """How the MTP head is stored and whether it was dequantized ({} without a head)."""
+    head = head_entries(plan.tensors, plan.sidecar_files)
+    if not head:
+        return {}
+    return {"sidecar": sidecar_format(head), "source": dequantized_note(head) or "original precision (no dequantization)"}
+
+
 def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
     """mtplx_runtime.json: the recipe's runtime block + what forgekit verified, honestly."""
     rt = copy.deepcopy(plan.recipe.runtime)
+    head = head_summary(plan)
+    if head:   # what was written, not what the recipe assumed
+        rt["mtp_sidecar"] = head["sidecar"]
+        rt["mtp_head_source"] = head["source"]
     rt["exactness_baseline"] = {
         "status": verification_status(verification),
         "method": "forgekit verify steps on CPU (mlx-cpu): " + ", ".join(steps_run(verification)),
@@ -132,7 +149,9 @@ def model_card(plan: BuildPlan, digests: dict, verification: dict) -> str:
              f"`{', '.join(plan.sidecar_files) or '-'}` (not indexed).", "", "## Provenance", ""]
     for s in source_summary(plan, digests):
         where = s.get("path") or f"{s['repo']}@{s['revision']} (commit {s['commit']})" + (f" file {s['file']}" if s.get("file") else "")
-        lines.append(f"- **{s['role']}**: {where}; stored as {', '.join(x for x in s['stored_as'] if x) or 'n/a'}")
+        note = dequantized_note([t for t in plan.tensors if t.role == s["role"]])
+        stored = ', '.join(x for x in s['stored_as'] if x) or 'n/a'
+        lines.append(f"- **{s['role']}**: {where}; stored as {stored}" + (f"; {note} (not original precision)" if note else ""))
         for name, digest in s["files"].items():
             lines.append(f"  - `{name}` xxh3_128 `{digest}`")
     lines += ["", f"Recipe: `{Path(r.recipe_file).name}` (chain: {' -> '.join(Path(f).name for f in r.recipe_files)})", "",
