@@ -17,7 +17,7 @@ from ..sources import TensorSource, open_source
 from .head import ACCEPTANCE_WARNING, describe, head_entries, head_quantization, mixed_head_params
 from .layout import assign_files
 from .location import check_output_location
-from .quant import QuantDecision, QuantRules, config_entries, layer_count
+from .quant import QuantDecision, QuantRules, config_entries, layer_count, module_path
 from .remap import Table
 from .tensor import TensorPlan
 from .transforms import TRANSFORMS
@@ -158,10 +158,12 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
                         f"{mixed}; MTPLX loads a head quantized one way: give its rules one bits/group size/mode")
     if head_quantization(head):
         warnings.append(ACCEPTANCE_WARNING.format(how=describe(next(t for t in head if t.quant))))
-    # mlx-lm's config names the quantized head modules too: MTPLX's loader and the load step read them.
-    trunk_decisions.update({t.key: QuantDecision(t.quant, t.quant_rule) for t in head if t.quant})
+    quant_config = config_entries(recipe.quantization.default, trunk_decisions)
+    # The config names every quantized head module explicitly (even at the default): the load step
+    # and readers of config.json tell a deliberately quantized head by these entries.
+    quant_config.update({module_path(t.key): t.quant.model_dump() for t in head if t.quant})
     return BuildPlan(
         recipe=recipe, tensors=tensors, files=files, indexed_files=indexed, sidecar_files=sidecars,
-        dropped=dropped, quant_config=config_entries(recipe.quantization.default, trunk_decisions),
+        dropped=dropped, quant_config=quant_config,
         provenance=provenance or [], warnings=warnings, sources=sources,
     )

@@ -83,10 +83,13 @@ def _check_head(directory: Path, config: dict, params: dict, plan) -> tuple[dict
     packed = sorted(k for k in head if k.endswith((".scales", ".biases")) or head[k]["dtype"] == "U32")
     chosen = [t for t in head_plan if t.quant is not None and t.quant_rule != "default"]
     named = {p for p in (config.get("quantization") or {}) if p.startswith("mtp.")}
-    if packed and (not chosen or not named):
+    if packed and not chosen:
         bits = config.get("quantization", {}).get("bits", "?")
         return _fail(f"{head_file}: the head is quantized ({len(packed)} packed/scale tensors, e.g. '{packed[0]}'; "
                      f"trunk default {bits}-bit) but no quantization rule chooses that, the recipe demands {head_dtype}"), head
+    if packed and not named:
+        return _fail(f"{head_file}: the head is quantized but config.json's quantization names no mtp.* module: "
+                     f"mlx-lm and MTPLX would not know how to unpack it"), head
     want = _expected_head_files(config, head_plan)
     missing = sorted(set(want) - set(head))
     extra = sorted(set(head) - set(want))
