@@ -110,3 +110,19 @@ def test_load_fails_when_config_gives_the_head_other_bits(head8, tmp_path):
 
 def test_good_copy_of_the_8bit_head_build_verifies(head8, tmp_path):
     assert verify_directory(doctor_config(head8, tmp_path, lambda q: None), str(head8["recipe"]))["passed"]
+
+
+def test_mtplx_runtime_decodes_with_the_8bit_head(head8):
+    """MTPLX's own runtime (made importable on Linux by the test-only stand-in) loads the
+    prequantized head from config.json and decodes with it, equal to plain decoding."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the libSystem stand-in")
+    import mtplx_standin
+
+    from forgekit.verify import run_step
+
+    mtplx_standin.install()
+    step = next(s for s in load_recipe(DEMO_RECIPE).verify if s.step == "mtplx")
+    result = run_step(step, head8["out"], None)
+    assert result["passed"] and not result.get("skipped"), result
+    assert result["summary"]["equals_ar"] is True and min(result["summary"]["acceptance"]) >= 0.85, result
