@@ -226,6 +226,8 @@ def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
         raise RecipeError(f"{ref!r} is not a recipe: give a recipe name or a path ending in .yaml or .yml")
     if is_path:
         candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
+        if not Path(ref).is_absolute():   # a shipped snippet: `extends: quant/mixed_4_6.yaml`
+            candidates.append(PACKAGED_RECIPES / ref)
     else:
         dirs = [d for d in (relative_to, Path.cwd() / "recipes", PACKAGED_RECIPES) if d is not None]
         candidates = [d / f"{ref}.yaml" for d in dirs]
