@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
+from .quant_modes import rule_problems
 from .recipe_yaml import read_yaml
 from .regex_risk import backtracking_risk
 
@@ -87,10 +88,34 @@ class RemapRule(Frozen):
         return self
 
 
+QuantMode = Literal["affine", "mxfp4", "nvfp4", "mxfp8"]   # allowed bits/group sizes: quant_modes.py
+
+
 class QuantParams(Frozen):
     bits: Literal[2, 3, 4, 5, 6, 8] = 4
-    group_size: Literal[32, 64, 128] = 64
-    mode: Literal["affine"] = "affine"
+    group_size: Literal[16, 32, 64, 128] = 64
+    mode: QuantMode = "affine"
+
+
+Fraction = tuple[int, int]   # [a, b] stands for a * n // b, n = the body's num_hidden_layers
+
+
+class LayerSelect(Frozen):
+    """Layer indices i (captured by the rule's `(?P<layer>...)` group) the rule applies to: any
+    clause given selects (i < below, i >= at_least, (i - counted_from) % every == remainder)."""
+
+    below: Optional[Fraction] = None
+    at_least: Optional[Fraction] = None
+    every: Optional[int] = Field(None, gt=0)
+    remainder: int = 0
+    counted_from: Fraction = (0, 1)
+
+    def selects(self, i: int, n: int) -> bool:
+        def at(f: Fraction) -> int:
+            return f[0] * n // f[1]
+        return ((self.below is not None and i < at(self.below))
+                or (self.at_least is not None and i >= at(self.at_least))
+                or (self.every is not None and (i - at(self.counted_from)) % self.every == self.remainder))
 
 
 class QuantRule(Frozen):
@@ -100,7 +125,9 @@ class QuantRule(Frozen):
     match: Regex
     quantize: bool = True
     bits: Optional[Literal[2, 3, 4, 5, 6, 8]] = None
-    group_size: Optional[Literal[32, 64, 128]] = None
+    group_size: Optional[Literal[16, 32, 64, 128]] = None
+    mode: Optional[QuantMode] = None
+    layers: Optional[LayerSelect] = None
     optional: bool = False
 
 
@@ -236,6 +263,8 @@ def find_recipe(ref: str, relative_to: Optional[Path] = None) -> Path:
         raise RecipeError(f"{ref!r} is not a recipe: give a recipe name or a path ending in .yaml or .yml")
     if is_path:
         candidates = [Path(ref)] if relative_to is None else [relative_to / ref, Path(ref)]
+        if not Path(ref).is_absolute():   # a shipped snippet: `extends: quant/mixed_4_6.yaml`
+            candidates.append(packaged_recipes() / ref)
     else:
         dirs = [d for d in (relative_to, Path.cwd() / USER_RECIPES, packaged_recipes()) if d is not None]
         candidates = [d / f"{ref}.yaml" for d in dirs]
@@ -318,6 +347,7 @@ def load_recipe(ref: str | Path) -> Recipe:
         more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
         raise RecipeError(f"{_locate(where, loc, path)}: {key}: {msg}{more}") from None
     _check_tables(recipe, where, path)
+    _check_quantization(recipe, where, path)
     return recipe
 
 
@@ -349,6 +379,15 @@ def _check_tables(recipe: Recipe, where: dict, path: Path) -> None:
                         f"{_locate(where, ('remap', table, i, 'transforms'), path)}: remap.{table}[{i}].transforms: "
                         f"unknown transform '{t}' (known: {known})"
                     )
+
+
+def _check_quantization(recipe: Recipe, where: dict, path: Path) -> None:
+    """A bits/group size/mode combination mlx refuses is a validate-time error naming the rule."""
+    problems = rule_problems(recipe.quantization)
+    if problems:
+        index, message = problems[0]
+        loc = ("quantization", "default") if index is None else ("quantization", "rules", index)
+        raise RecipeError(f"{_locate(where, loc, path)}: {message}")
 
 
 def recipe_line(recipe: Recipe, *key: Any) -> str:

@@ -157,7 +157,15 @@ def test_mtp_quant_rule_change_rebuilds_only_mtp(tmp_path):
     assert shards_ran(proc) == ["mtp.safetensors"], proc.stdout
     assert ran_tasks(proc) == ["build:shard:mtp.safetensors", "build:stage", "build:publish"]
     after = file_bytes(out)
-    assert after["config.json"] == before["config.json"]  # the trunk's quantization config is untouched
+    # The trunk's quantization entries are untouched; the config now names the quantized head modules.
+    old_config, new_config = json.loads(before["config.json"]), json.loads(after["config.json"])
+    head_entries = {k: v for k, v in new_config["quantization"].items() if k.startswith("mtp.")}
+    assert len(head_entries) == 8 and all(v["bits"] == 8 for v in head_entries.values())
+    assert {k: v for k, v in new_config["quantization"].items() if k not in head_entries} == old_config["quantization"]
+    assert new_config.pop("mtplx_mtp_quantization")["bits"] == 8
+    for key in ("quantization", "quantization_config"):
+        new_config.pop(key), old_config.pop(key)
+    assert new_config == old_config
     assert after["mtp.safetensors"] != before["mtp.safetensors"]
     for name in trunk_files(out):
         assert after[name] == before[name], name

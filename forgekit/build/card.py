@@ -15,6 +15,7 @@ import yaml
 
 from .. import __version__
 from ..plan import BuildPlan
+from ..plan.head import dequantized_note
 from ..verify import headline
 
 STANDARD_TAGS = ("mlx", "mtplx", "mtp", "speculative-decoding")
@@ -104,7 +105,9 @@ def head_origin(plan: BuildPlan) -> str:
     if mtp is None:
         return "The build carries no MTP head."
     stored = sorted({t.stored_as for t in plan.tensors if t.role == "mtp" and t.stored_as})
-    kind = f" (tensors stored there as {', '.join(stored)})" if stored else ""
+    note = dequantized_note([t for t in plan.tensors if t.role == "mtp"])
+    kind = f" (tensors stored there as {', '.join(stored)}" + (f"; {note}, not the original precision" if note else "") + ")" \
+        if stored else ""
     if body is not None and mtp.get("repo") == body.get("repo") and mtp.get("path") == body.get("path"):
         return f"The MTP head is the body's own, from {where(mtp)}{kind}."
     if (mtp.get("file") or mtp.get("path") or "").endswith(".gguf"):
@@ -149,7 +152,7 @@ def _part_quant(entries) -> str:
 
 
 def quantization(plan: BuildPlan, sizes: dict[str, int]) -> list[str]:
-    parts = [("trunk (mlx-lm)", plan.indexed_files)] + [(f"MTP head (sidecar, not in the index)", [f]) for f in plan.sidecar_files]
+    parts = [("trunk (mlx-lm)", plan.indexed_files)] + [("MTP head (sidecar, not in the index)", [f]) for f in plan.sidecar_files]
     rows = []
     for label, files in parts:
         entries = [t for f in files for t in plan.files.get(f, [])]

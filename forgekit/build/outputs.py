@@ -5,13 +5,13 @@ bytes, so their content can be hashed into the build key."""
 from __future__ import annotations
 
 import copy
-import json
 import platform
 from pathlib import Path
 
 from .. import __version__
 from ..plan import BuildPlan
 from ..plan.config_edits import edited_config, set_dotted
+from ..plan.head import dequantized_note, head_entries, head_quantization, sidecar_format
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "generation_config.json", "vocab.json", "merges.txt")
@@ -25,6 +25,9 @@ def config_json(plan: BuildPlan) -> dict:
             set_dotted(config, dotted, plan.tied)
     config["quantization"] = plan.quant_config
     config["quantization_config"] = copy.deepcopy(plan.quant_config)
+    head_q = head_quantization(head_entries(plan.tensors, plan.sidecar_files))
+    if head_q:
+        config["mtplx_mtp_quantization"] = head_q
     return dict(sorted(config.items()))
 
 
@@ -52,8 +55,9 @@ def source_summary(plan: BuildPlan, digests: dict[str, dict[str, str]]) -> list[
     for prov in plan.provenance:
         src = plan.sources[prov["role"]]
         stored = sorted({t.stored_as for t in plan.tensors if t.role == prov["role"]})
+        note = dequantized_note([t for t in plan.tensors if t.role == prov["role"]])
         out.append({**prov, "files": {Path(f).name: d for f, d in digests.get(prov["role"], {}).items()},
-                    "stored_as": stored, "format": type(src).__name__})
+                    "stored_as": stored, "format": type(src).__name__, **({"dequantized": note} if note else {})})
     return out
 
 
@@ -90,9 +94,21 @@ def verification_status(verification: dict) -> str:
     return "cpu_verified_by_forgekit"
 
 
+def head_summary(plan: BuildPlan) -> dict:
+    """How the MTP head is stored and whether it was dequantized ({} without a head)."""
+    head = head_entries(plan.tensors, plan.sidecar_files)
+    if not head:
+        return {}
+    return {"sidecar": sidecar_format(head), "source": dequantized_note(head) or "original precision (no dequantization)"}
+
+
 def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
     """mtplx_runtime.json: the recipe's runtime block + what forgekit verified, honestly."""
     rt = copy.deepcopy(plan.recipe.runtime)
+    head = head_summary(plan)
+    if head:   # what was written, not what the recipe assumed
+        rt["mtp_sidecar"] = head["sidecar"]
+        rt["mtp_head_source"] = head["source"]
     rt["exactness_baseline"] = {
         "status": verification_status(verification),
         "method": "forgekit verify steps on CPU (mlx-cpu): " + ", ".join(steps_run(verification)),

@@ -70,7 +70,7 @@ def publish(plan: BuildPlan, keys: BuildKeys, pool=None, bodies=None) -> None:
     record = ensure_staged(plan, keys, pool)
     staging = staging_dir(out)
     verification = _verification(plan, staging, bodies)
-    atomic_write_json(staging / "forgekit-report.json", verification)
+    atomic_write_json(staging / "forgekit-report.json", {**verification, "mtp_head": outputs.head_summary(plan)})
     atomic_write_json(staging / "mtplx_runtime.json", outputs.runtime_json(plan, keys.digests, verification))
     sizes = {p.name: p.stat().st_size for p in staging.iterdir() if p.is_file() and p.name != "README.md"}
     text = card.model_card(plan, outputs.config_json(plan), keys.digests, verification, sizes,
@@ -91,6 +91,9 @@ def publish(plan: BuildPlan, keys: BuildKeys, pool=None, bodies=None) -> None:
     OutputRegistry().add(out, plan.recipe.name, keys.build_key)
     if verification["results"]:
         print(report_table(verification["results"]), flush=True)
+    head = outputs.head_summary(plan)
+    if head:
+        print(f"MTP head: {head['sidecar']}, {head['source']}", flush=True)
     print(f"built {plan.recipe.name}: {out}", flush=True)
 
 

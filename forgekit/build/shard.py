@@ -24,6 +24,7 @@ from ..dtypes import BY_NAME, BY_ST_CODE, itemsize
 from ..faults import checkpoint
 from ..fileio import DISK_ERRORS, disk_error
 from ..plan import TensorPlan
+from ..plan.head import dequantized_note
 from ..plan.quant import ROW_CHUNK_BYTES, row_chunks
 from ..sources import TensorSource
 from .compute import VIA_SOURCE, Job, Piece, RawRef, Workspace, run_piece
@@ -193,6 +194,8 @@ def build_into_store(plan, keys, file: str, store, pool: WorkerPool | None = Non
             size = tmp.stat().st_size
             progress.summary = (f"{len(entries)} tensors, {human_bytes(total)} -> {human_bytes(size)}, "
                                 f"{result.workers} worker{'s' if result.workers > 1 else ''}")
+            note = dequantized_note(entries)
+            progress.summary += f", {note}" if note else ""
             checkpoint("shard.written")
             store.commit(key, tmp, result.digest, file=file, recipe=plan.recipe.name, tensors=len(entries),
                          source_bytes=total, seconds=round(time.time() - start, 3))

@@ -15,9 +15,10 @@ from ..dtypes import BY_GGML
 from ..errors import PlanError, SourceError
 from ..recipe import Recipe, recipe_line
 from ..sources import TensorSource, open_source
+from .head import ACCEPTANCE_WARNING, describe, head_entries, head_quantization, mixed_head_params
 from .layout import assign_files
 from .location import check_output_location
-from .quant import QuantDecision, QuantRules, config_entries
+from .quant import QuantDecision, QuantRules, config_entries, layer_count, module_path
 from .remap import Table
 from .tensor import TensorPlan
 from .transforms import TRANSFORMS
@@ -120,7 +121,7 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
               provenance: list[dict] | None = None) -> BuildPlan:
     if sources is None:
         sources, provenance = open_sources(recipe)
-    rules = QuantRules(recipe.quantization)
+    rules = QuantRules(recipe.quantization, layer_count(sources["body"].config))
     tensors: list[TensorPlan] = []
     dropped: dict[str, dict[str, str]] = {}
     seen: dict[str, str] = {}
@@ -163,8 +164,19 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
     files, indexed, sidecars = assign_files(recipe, tensors)
     tensors = [t for f in files.values() for t in f]
     trunk_decisions = {t.key: QuantDecision(t.quant, t.quant_rule) for f in indexed for t in files[f]}
+    head = head_entries(tensors, sidecars)
+    mixed = mixed_head_params(head)
+    if mixed:
+        raise PlanError(f"{recipe_line(recipe, 'quantization', 'rules')}: quantization.rules: the MTP head mixes "
+                        f"{mixed}; MTPLX loads a head quantized one way: give its rules one bits/group size/mode")
+    if head_quantization(head):
+        warnings.append(ACCEPTANCE_WARNING.format(how=describe(next(t for t in head if t.quant))))
+    quant_config = config_entries(recipe.quantization.default, trunk_decisions)
+    # The config names every quantized head module explicitly (even at the default): the load step
+    # and readers of config.json tell a deliberately quantized head by these entries.
+    quant_config.update({module_path(t.key): t.quant.model_dump() for t in head if t.quant})
     return BuildPlan(
         recipe=recipe, tensors=tensors, files=files, indexed_files=indexed, sidecar_files=sidecars,
-        dropped=dropped, quant_config=config_entries(recipe.quantization.default, trunk_decisions),
+        dropped=dropped, quant_config=quant_config,
         provenance=provenance or [], warnings=warnings, sources=sources, tied=tied,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..quant_modes import QUANT_MODES
 from ..recipe import QuantParams, Quantization
 
 ROW_CHUNK_BYTES = 32 * 2**20   # default row chunk: a piece of a large tensor holds about this many bytes
@@ -32,8 +33,10 @@ def is_quantizable(tensor_key: str, shape: tuple[int, ...]) -> bool:
 
 
 class QuantRules:
-    def __init__(self, quantization: Quantization):
+    def __init__(self, quantization: Quantization, num_layers: int = 0):
+        """num_layers: the body's layer count n, for rules that select layers by index."""
         self.q = quantization
+        self.num_layers = num_layers
         self.patterns = [re.compile(r.match) for r in quantization.rules]
         self.used: set[str] = set()
 
@@ -43,14 +46,17 @@ class QuantRules:
         path = module_path(tensor_key)
         params, rule_name = self.q.default, "default"
         for rule, pattern in zip(self.q.rules, self.patterns):
-            if pattern.fullmatch(path):
+            hit = pattern.fullmatch(path)
+            if hit and rule.layers is not None and not rule.layers.selects(int(hit["layer"]), self.num_layers):
+                hit = None
+            if hit:
                 self.used.add(rule.name)
                 if not rule.quantize:
                     return QuantDecision(None, rule.name)
                 params = QuantParams(
                     bits=rule.bits or self.q.default.bits,
                     group_size=rule.group_size or self.q.default.group_size,
-                    mode=self.q.default.mode,
+                    mode=rule.mode or self.q.default.mode,
                 )
                 rule_name = rule.name
                 break
@@ -76,9 +82,23 @@ def config_entries(default: QuantParams, decisions: dict[str, QuantDecision]) ->
     return entries
 
 
-def quantized_shapes(shape: tuple[int, int], p: QuantParams) -> dict[str, tuple[int, int]]:
+def quantized_outputs(shape: tuple[int, int], p: QuantParams, dtype: str) -> dict[str, tuple[str, tuple[int, int]]]:
+    """suffix -> (dtype, shape) of what mx.quantize returns for a [rows, cols] matrix."""
     rows, cols = shape
-    return {"weight": (rows, cols * p.bits // 32), "scales": (rows, cols // p.group_size), "biases": (rows, cols // p.group_size)}
+    spec = QUANT_MODES[p.mode]
+    groups = (rows, cols // p.group_size)
+    out = {"weight": ("uint32", (rows, cols * p.bits // 32)), "scales": (dtype if spec.float_scales else "uint8", groups)}
+    if spec.biases:
+        out["biases"] = (dtype, groups)
+    return out
+
+
+def layer_count(config: dict | None) -> int:
+    """The body's num_hidden_layers (nested text_config or flat), 0 when the config has none."""
+    config = config or {}
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    n = text.get("num_hidden_layers", 0)
+    return n if isinstance(n, int) else 0
 
 
 def row_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int = ROW_CHUNK_BYTES) -> list[slice]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..dtypes import itemsize
 from ..recipe import QuantParams
-from .quant import quantized_shapes
+from .quant import quantized_outputs
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,8 @@ class TensorPlan:
         if self.quant is None:
             return [(self.key, self.dtype, self.shape)]
         base = self.key[: -len("weight")]
-        shapes = quantized_shapes(self.shape, self.quant)
-        return [(base + "weight", "uint32", shapes["weight"]),
-                (base + "scales", self.dtype, shapes["scales"]),
-                (base + "biases", self.dtype, shapes["biases"])]
+        return [(base + suffix, dtype, shape)
+                for suffix, (dtype, shape) in quantized_outputs(self.shape, self.quant, self.dtype).items()]
 
     def nbytes(self) -> int:
         total = 0

@@ -156,6 +156,9 @@ def parse_header(fetch: Callable[[int, int], bytes], size: int | None = None,
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
         except (ValueError, KeyError):
             raise SourceError(f"GGUF tensor '{name}' has unknown ggml type {ggml_type}") from None
+        if dims and dims[0] % block:
+            raise SourceError(f"GGUF tensor '{name}' ({GGMLQuantizationType(ggml_type).name}) has rows of {dims[0]} "
+                              f"values, not whole {block}-value blocks (corrupt tensor info)")
         n = 1
         for d in dims:
             n *= d
@@ -167,7 +170,8 @@ def parse_header(fetch: Callable[[int, int], bytes], size: int | None = None,
     raw = bytes(cur.buf[:data_start])
     for t in tensors:
         if file_size is not None and data_start + t.offset + t.nbytes > file_size:
-            raise SourceError(f"GGUF tensor '{t.name}' data runs past the end of the {file_size}-byte file")
+            raise SourceError(f"GGUF tensor '{t.name}' ({GGMLQuantizationType(t.ggml_type).name}) data runs past "
+                              f"the end of the {file_size}-byte file (truncated)")
     return Header(version, kv_count, kv_end, data_start, alignment, metadata, tensors, raw)
 
 

@@ -10,11 +10,14 @@ from ..recipe import Source
 from . import hub
 from .base import TensorSource
 from .gguf_file import GGUFSource
+from .gguf_split import SplitGGUFSource, split_parts
 from .remote_gguf import open_remote_gguf
 from .safetensors_dir import SafetensorsSource
 
 
 def _open_path(role: str, path: Path, **kw) -> TensorSource:
+    if path.suffix == ".gguf" and (parts := split_parts(path)):
+        return SplitGGUFSource(role, parts)
     if path.is_file() and path.suffix == ".gguf":
         return GGUFSource(role, path)
     if path.is_dir() or path.suffix == ".safetensors":

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from ..dtypes import BY_NAME
 from ..mtp_head import MTPHeadModel, text_args
@@ -89,6 +90,9 @@ def contract(config: dict) -> dict:
 def load_head(directory: Path, config: dict, dtype=mx.bfloat16) -> MTPHeadModel:
     """The head file loaded strictly (exact keys and shapes) with the config's concat order."""
     model = MTPHeadModel(text_args(config), concat_order=contract(config)["concat_order"])
+    quantized = {p: e for p, e in (config.get("quantization") or {}).items() if p.startswith("mtp.") and isinstance(e, dict)}
+    if quantized:   # a prequantized head: the modules config.json names take its packed weights
+        nn.quantize(model, class_predicate=lambda path, _: quantized.get(path, False))
     model.load_weights(list(mx.load(str(head_file(directory, config))).items()), strict=True)
     model.eval()
     cast_floats(model, dtype)

@@ -3,7 +3,7 @@ without the `mtp.` prefix are named as such), no mtp.* in the trunk, conv1d layo
 quantization consistent with config.json, every mlx-lm module present, every source
 tensor accounted for.
 
-params: head_dtype (safetensors dtype code the head must have, default BF16)."""
+params: head_dtype (safetensors dtype code of the head's float tensors; default: what the plan writes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import json
 import re
 from pathlib import Path
 
+from ..dtypes import BY_NAME
 from ..mtp_head import MTPHeadModel, text_args
+from ..plan.quant import quantized_outputs
 from ..sources.safetensors_dir import read_header
 
 HEAD_FILE_DEFAULT = "mtp.safetensors"
@@ -48,21 +50,47 @@ def _fail(cause: str, **extra) -> dict:
     return {"passed": False, "cause": cause, **extra}
 
 
-def _check_head(directory: Path, config: dict, params: dict) -> tuple[dict | None, dict]:
-    """Head: its own file, exact key set, the recipe's dtype, shapes from config. (failure, header)"""
+def _expected_head_files(config: dict, head_plan: list) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (safetensors dtype, shape): the config's 15 mtp.* shapes, stored as the plan writes them
+    (a module the plan quantizes by a recipe rule as its packed weight, scales and biases)."""
+    planned = {t.key: t for t in head_plan}
+    out = {}
+    for k, shape in expected_head(config).items():
+        t = planned.get(k)
+        if t is not None and t.quant is not None:
+            base = k[: -len("weight")]
+            for suffix, (dtype, qshape) in quantized_outputs(shape, t.quant, t.dtype).items():
+                out[base + suffix] = (BY_NAME[dtype].st_code, qshape)
+        else:
+            out[k] = (BY_NAME[t.dtype].st_code if t is not None else "BF16", shape)
+    return out
+
+
+def _check_head(directory: Path, config: dict, params: dict, plan) -> tuple[dict | None, dict]:
+    """Head: its own file, exact key set, dtypes and shapes from config and plan. (failure, header)
+
+    A quantized head is accepted only when a recipe rule quantizes it on purpose (the plan says so
+    and config.json names it); the trunk's default reaching the head is a mis-build."""
     head_file = config.get("mlx_lm_extra_tensors", {}).get("mtp_file", HEAD_FILE_DEFAULT)
     if head_file.startswith("model"):
         return _fail(f"head file '{head_file}' would be loaded by mlx-lm as a trunk shard"), {}
     if not (directory / head_file).is_file():
         return _fail(f"head file '{head_file}' named by config.json mlx_lm_extra_tensors is missing"), {}
     head, _ = read_header(directory / head_file)
-    head_dtype = params.get("head_dtype", "BF16")
+    head_plan = [t for t in plan.tensors if t.file == head_file] if plan is not None else []
+    floats = {t.dtype for t in head_plan if t.quant is None} or {"bfloat16"}
+    head_dtype = params.get("head_dtype") or BY_NAME[sorted(floats)[0]].st_code
     packed = sorted(k for k in head if k.endswith((".scales", ".biases")) or head[k]["dtype"] == "U32")
-    if packed:
+    chosen = [t for t in head_plan if t.quant is not None and t.quant_rule != "default"]
+    named = {p for p in (config.get("quantization") or {}) if p.startswith("mtp.")}
+    if packed and not chosen:
         bits = config.get("quantization", {}).get("bits", "?")
         return _fail(f"{head_file}: the head is quantized ({len(packed)} packed/scale tensors, e.g. '{packed[0]}'; "
-                     f"trunk default {bits}-bit), the recipe demands {head_dtype}"), head
-    want = expected_head(config)
+                     f"trunk default {bits}-bit) but no quantization rule chooses that, the recipe demands {head_dtype}"), head
+    if packed and not named:
+        return _fail(f"{head_file}: the head is quantized but config.json's quantization names no mtp.* module: "
+                     f"mlx-lm and MTPLX would not know how to unpack it"), head
+    want = _expected_head_files(config, head_plan)
     missing = sorted(set(want) - set(head))
     extra = sorted(set(head) - set(want))
     if missing and extra and {f"mtp.{k}" for k in extra} >= set(missing):
@@ -70,11 +98,12 @@ def _check_head(directory: Path, config: dict, params: dict) -> tuple[dict | Non
     if missing or extra:
         return _fail(f"{head_file}: head keys differ from the {len(want)} mtp.* keys "
                      f"(missing {missing[:3]}, unexpected {extra[:3]})"), head
-    for k, shape in want.items():
+    for k, (dtype, shape) in want.items():
         if tuple(head[k]["shape"]) != shape:
             return _fail(f"{head_file}: '{k}' has shape {head[k]['shape']}, config says {list(shape)}"), head
-        if head[k]["dtype"] != head_dtype:
-            return _fail(f"{head_file}: '{k}' is {head[k]['dtype']}, the recipe demands {head_dtype} (mis-cast head)"), head
+        demanded = head_dtype if dtype in ("BF16", "F16", "F32") else dtype
+        if head[k]["dtype"] != demanded:
+            return _fail(f"{head_file}: '{k}' is {head[k]['dtype']}, the recipe demands {demanded} (mis-cast head)"), head
     return None, head
 
 
@@ -122,7 +151,7 @@ def _check_trunk(directory: Path, config: dict) -> tuple[dict | None, dict, int]
 
 def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     config = json.loads((directory / "config.json").read_text())
-    failure, head = _check_head(directory, config, params)
+    failure, head = _check_head(directory, config, params, plan)
     if failure:
         return failure
     failure, trunk, shards = _check_trunk(directory, config)
