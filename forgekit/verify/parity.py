@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import text_args
-from .load import BodyCache, compute_dtype, prompt_tokens, trunk
+from .load import BodyCache, cast_floats, compute_dtype, prompt_tokens, trunk
 
 
 def _greedy_extend(model, ids: list[int], new_tokens: int) -> list[int]:
@@ -74,6 +74,8 @@ def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) ->
         bodies.clear()                 # one model in memory at a time
         gc.collect()
         source, _ = load(str(root))
+        if text_args(plan.body.config or {}).num_experts > 0:
+            cast_floats(source, mx.float32)   # experts run through gather_mm, float32-only on mlx's CPU
         seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
     except Exception as exc:
         return {"passed": False, "cause": f"cannot set up the comparison: {type(exc).__name__}: {exc}"}

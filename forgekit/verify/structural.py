@@ -1,7 +1,7 @@
 """structural: file placement, exact head key set/dtypes/shapes (a quantized head or keys
 without the `mtp.` prefix are named as such), no mtp.* in the trunk, conv1d layout,
 quantization consistent with config.json, every mlx-lm module present, every source
-tensor accounted for.
+tensor accounted for, head values (and split/stacked trunk tensors) equal to the source (values.py).
 
 params: head_dtype (safetensors dtype code the head must have, default BF16)."""
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..mtp_head import MTPHeadModel, text_args
 from ..sources.safetensors_dir import read_header
+from . import values
 
 HEAD_FILE_DEFAULT = "mtp.safetensors"
 
@@ -129,11 +130,14 @@ def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     if failure:
         return failure
     # Every source tensor accounted for (the plan enforces it; record the numbers).
-    accounted = {role: len([t for t in plan.tensors if t.role == role]) + len(plan.dropped.get(role, {}))
-                 for role in plan.sources}
+    accounted = {role: len({n for t in plan.tensors if t.role == role for n in t.source_names()})
+                 + len(plan.dropped.get(role, {})) for role in plan.sources}
     total = {role: len(src.keys()) + len(src.unread) for role, src in plan.sources.items()}
     if accounted != total:
         return _fail(f"source tensors not all accounted for: {accounted} of {total}")
+    different = values.check(directory, plan)   # head values, split/stacked trunk tensors vs source
+    if different:
+        return _fail(different)
     quantized = sum(1 for k in trunk if k.endswith(".scales"))
     return {"passed": True, "summary": {"head_keys": len(head), "trunk_tensors": len(trunk),
                                         "quantized_modules": quantized, "shards": shards}}
