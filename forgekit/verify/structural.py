@@ -121,6 +121,24 @@ def _check_trunk(directory: Path, config: dict) -> tuple[dict | None, dict, int]
     return None, trunk, len(shards)
 
 
+def _check_quant_against_recipe(config: dict, trunk: dict, plan) -> dict | None:
+    """Every trunk tensor stored at the bits/group size the recipe's rules decide (a router kept
+    at 4 bits where a rule says 8 is named), and config.json saying the same."""
+    for file in plan.indexed_files:
+        for t in plan.files[file]:
+            for name, _, shape in t.outputs():
+                if name in trunk and tuple(trunk[name]["shape"]) != tuple(shape):
+                    q = f"{t.quant.bits}-bit g{t.quant.group_size}" if t.quant else t.dtype
+                    return _fail(f"{file}: '{name}' is stored {trunk[name]['shape']}, not {list(shape)} as "
+                                 f"{q} (quantization rule '{t.quant_rule}')")
+    entries = config.get("quantization") or {}
+    for path, want in plan.quant_config.items():
+        if entries.get(path) != want:
+            return _fail(f"config.json quantization '{path}' is {entries.get(path)}, the recipe's rules "
+                         f"decide {want}")
+    return None
+
+
 def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     failure, head = _check_head(directory, config, params)
@@ -135,6 +153,9 @@ def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     total = {role: len(src.keys()) + len(src.unread) for role, src in plan.sources.items()}
     if accounted != total:
         return _fail(f"source tensors not all accounted for: {accounted} of {total}")
+    failure = _check_quant_against_recipe(config, trunk, plan)
+    if failure:
+        return failure
     different = values.check(directory, plan)   # head values, split/stacked trunk tensors vs source
     if different:
         return _fail(different)
