@@ -241,3 +241,20 @@ def test_quantized_moe_head_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "the head is quantized" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert not (tmp_path / "qhead").exists()
+
+
+def test_one_expert_changed_in_the_head_fails_the_value_check_by_name(moe_builds, tmp_path):
+    """MTPLX binds the head with strict=False and its gate checks names: the values are forgekit's check."""
+    recipe = moe_recipe(tmp_path, "numbered", HEADS["numbered"])
+
+    def bump_expert_5(d: Path):
+        head = dict(mx.load(str(d / "mtp.safetensors")))
+        key = "mtp.layers.0.mlp.switch_mlp.down_proj.weight"
+        head[key] = mx.concatenate([head[key][:5], head[key][5:6] * 2, head[key][6:]])
+        mx.save_safetensors(str(d / "mtp.safetensors"), head, metadata={"format": "mlx"})
+
+    broken = _edit_build(moe_builds["numbered"], tmp_path / "broken", bump_expert_5)
+    result = _run_structural(broken, recipe)
+    assert not result["passed"]
+    assert "'mtp.layers.0.mlp.switch_mlp.down_proj.weight'" in result["cause"], result
+    assert "mtp.layers.0.mlp.experts.0.down_proj.weight" in result["cause"], result
