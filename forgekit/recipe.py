@@ -170,7 +170,7 @@ class ConfigEdits(Frozen):
 
 
 class VerifyStep(Frozen):
-    step: Literal["structural", "norms", "load", "parity", "mtp", "mtplx"]
+    step: Literal["structural", "values", "norms", "load", "parity", "mtp", "mtplx"]
     params: dict[str, Any] = {}
 
 

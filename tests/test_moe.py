@@ -26,7 +26,7 @@ BASE = ROOT / "recipes" / "qwen3.5-moe-mtp.yaml"
 HEADS = {"gguf": f"{{path: {MOE / 'head.gguf'}}}",
          "fused": f"{{path: {MOE / 'head_fused.safetensors'}, table: mtp_hf}}",
          "numbered": f"{{path: {MOE / 'head_numbered.safetensors'}, table: mtp_hf}}"}
-STRUCTURAL_ONLY = "verify:\n  - step: structural\n    params: {head_dtype: BF16}\n"
+STRUCTURAL_ONLY = "verify:\n  - step: structural\n    params: {head_dtype: BF16}\n  - step: values\n"
 
 
 def moe_recipe(work: Path, name: str, head: str = HEADS["gguf"], extra: str = STRUCTURAL_ONLY,
@@ -245,7 +245,12 @@ def test_quantized_moe_head_is_refused(tmp_path):
 
 def test_one_expert_changed_in_the_head_fails_the_value_check_by_name(moe_builds, tmp_path):
     """MTPLX binds the head with strict=False and its gate checks names: the values are forgekit's check."""
+    from forgekit.plan import make_plan
+    from forgekit.recipe import load_recipe
+    from forgekit.verify import values
+
     recipe = moe_recipe(tmp_path, "numbered", HEADS["numbered"])
+    assert values.run(moe_builds["numbered"], make_plan(load_recipe(recipe)), {})["passed"]
 
     def bump_expert_5(d: Path):
         head = dict(mx.load(str(d / "mtp.safetensors")))
@@ -254,7 +259,7 @@ def test_one_expert_changed_in_the_head_fails_the_value_check_by_name(moe_builds
         mx.save_safetensors(str(d / "mtp.safetensors"), head, metadata={"format": "mlx"})
 
     broken = _edit_build(moe_builds["numbered"], tmp_path / "broken", bump_expert_5)
-    result = _run_structural(broken, recipe)
+    result = values.run(broken, make_plan(load_recipe(recipe)), {})
     assert not result["passed"]
     assert "'mtp.layers.0.mlp.switch_mlp.down_proj.weight'" in result["cause"], result
     assert "mtp.layers.0.mlp.experts.0.down_proj.weight" in result["cause"], result

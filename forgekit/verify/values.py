@@ -10,7 +10,9 @@ draft well), so the values are compared here:
   (gate = first half), so a recipe that swaps the halves fails by name;
 - every split or stacked trunk tensor: the same, quantized with the tensor's own parameters
   (deterministic, so equal bytes), on a sample of experts (all when there are at most 16).
-Returns the first difference as one line, or None.
+The step fails on the first difference, named in one line.
+
+params: none.
 """
 
 from __future__ import annotations
@@ -105,3 +107,12 @@ def check(directory: Path, plan) -> str | None:
                         f"({t.source_file}) under rule '{t.rule}'")
         loaded.pop(file, None)
     return None
+
+
+def run(directory: Path, plan, params: dict, bodies=None) -> dict:
+    different = check(directory, plan)
+    if different:
+        return {"passed": False, "cause": different}
+    head = sum(len(plan.files[f]) for f in plan.sidecar_files)
+    combined = sum(1 for f in plan.indexed_files for t in plan.files[f] if t.segments)
+    return {"passed": True, "summary": {"head_tensors": head, "split_or_stacked_trunk_tensors": combined}}
