@@ -58,9 +58,8 @@ def expected(t, source, rule, lead: list[int] | None) -> mx.array:
         keys = _stack_order(t, rule)
         return mx.stack([source.read(keys[i]) for i in (lead if lead is not None else range(len(keys)))])
     rows = None if lead is None or (rule is not None and rule.split and rule.split.axis % len(t.shape) == 0) else lead
-    a = source.read(t.source_key)
-    if rows is not None:
-        a = a[mx.array(rows)]
+    a = source.read(t.source_key) if rows is None else \
+        mx.concatenate([source.read(t.source_key, slice(i, i + 1)) for i in rows])   # only the sampled experts
     if rule is not None and rule.split:
         if t.source_key.endswith(FUSED_GATE_UP) and len(rule.split.to) == 2:
             part = next((p for p in ("gate_proj", "up_proj") if t.key.endswith(f"{p}.weight")), None)
