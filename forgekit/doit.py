@@ -266,7 +266,7 @@ def build_tasks(recipe_ref: str):
         shard_tasks.append(f"build:{name}")
         key = keys.file_keys[file]
         yield {"name": name, "actions": [(build_object, [recipe_ref, file])],
-               "file_dep": sorted({t.source_file for t in entries}),
+               "file_dep": sorted({f for t in entries for f in t.source_files()}),
                "uptodate": [(object_ready, [recipe_ref, file]), config_changed(key)], "verbosity": 2,
                "doc": f"build {file} into the object cache (key {key[:12]})"}
 

@@ -3,7 +3,10 @@
 Parameter names match the 15 ``mtp.*`` keys MTPLX loads, so
 ``MTPHeadModel.load_weights(list(mtp_tensors.items()), strict=True)`` proves a
 head file has exactly the right keys and shapes. The layer is mlx-lm's own
-``qwen3_5.DecoderLayer`` in its full-attention variant.
+``qwen3_5.DecoderLayer`` in its full-attention variant; for an MoE config
+(``num_experts > 0``) that layer carries mlx-lm's sparse MoE block, so the same
+tree has MTPLX's 20 ``switch_mlp`` keys (on CPU it must compute in float32:
+mlx's CPU ``gather_mm`` is float32-only, which the probes' default ensures).
 
 Draft step (contract defaults: post-norm trunk hidden, embedding-then-hidden):
     e = pre_fc_norm_embedding(embed(token_{t+1}))

@@ -68,23 +68,49 @@ def _check_regex(pattern: str) -> str:
 Regex = Annotated[str, AfterValidator(_check_regex)]
 
 
+class SplitSpec(Frozen):
+    """One source tensor -> len(to) outputs: equal consecutive parts along `axis` (not the last)."""
+
+    axis: int
+    to: tuple[str, ...] = Field(min_length=2)
+
+
+class StackSpec(Frozen):
+    """Numbered source tensors -> one output on a new leading axis, in index order (0, 1, ...).
+
+    `index`: the match group holding the number; `count`: dotted key of the body's config.json
+    giving how many there must be (e.g. text_config.num_experts)."""
+
+    to: str
+    index: int = Field(1, ge=1)
+    count: str
+
+
 class RemapRule(Frozen):
-    """Maps (full-match regex, `\\1` groups in `to`) or drops source tensors."""
+    """Maps (full-match regex, `\\1` groups in `to`), drops, splits or stacks source tensors."""
 
     name: str
     match: Regex
     to: Optional[str] = None
     drop: bool = False
+    split: Optional[SplitSpec] = None
+    stack: Optional[StackSpec] = None
+    leading_dim: Optional[str] = Field(None, description="dotted key of the body's config.json that the output's "
+                                                         "leading axis must equal (e.g. text_config.num_experts)")
     optional: bool = False
     transforms: tuple[str, ...] = ()
     dtype: Optional[Literal["bfloat16", "float16", "float32", "source"]] = None
 
     @model_validator(mode="after")
     def _to_or_drop(self):
-        if (self.to is None) == (not self.drop):
-            raise ValueError(f"rule '{self.name}' needs exactly one of 'to' or 'drop: true'")
+        kinds = [k for k, v in (("to", self.to is not None), ("drop", self.drop), ("split", self.split),
+                                ("stack", self.stack)) if v]
+        if len(kinds) != 1:
+            raise ValueError(f"rule '{self.name}' needs exactly one of 'to', 'drop: true', 'split' or 'stack'")
         if self.drop and (self.transforms or self.dtype):
             raise ValueError(f"rule '{self.name}' drops tensors, so it cannot have transforms or dtype")
+        if (self.split or self.stack) and self.transforms:
+            raise ValueError(f"rule '{self.name}' splits or stacks tensors, so it cannot have transforms")
         return self
 
 
@@ -183,7 +209,7 @@ class TiedEmbeddings(Frozen):
 
 
 class VerifyStep(Frozen):
-    step: Literal["structural", "norms", "load", "parity", "mtp", "mtplx"]
+    step: Literal["structural", "values", "norms", "load", "parity", "mtp", "mtplx"]
     params: dict[str, Any] = {}
 
 

@@ -454,7 +454,7 @@ CASES = [
      r"recipe\.yaml:9: quantization\.rules\.0\.match: bad regular expression"),
     ("empty-rule-list", recipe_only(good() + "remap:\n  body: []\n"), r"recipe\.yaml:8: remap\.body: empty rule list"),
     ("rule-to-and-drop", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: x, to: y, drop: true}\n"),
-     r"recipe\.yaml:9: remap\.body\.0: rule 'a' needs exactly one of 'to' or 'drop: true'"),
+     r"recipe\.yaml:9: remap\.body\.0: rule 'a' needs exactly one of 'to', 'drop: true', 'split' or 'stack'"),
     ("unknown-transform", recipe_only(good() + "remap:\n  body:\n    - {name: a, match: x, to: y, transforms: [flip]}\n"),
      r"recipe\.yaml:9: remap\.body\[0\]\.transforms: unknown transform 'flip'"),
     ("source-path-and-repo", recipe_only(good().replace("{path: {body}}", "{path: {body}, repo: a/b}")),

@@ -75,7 +75,7 @@ def source_digests(plan: BuildPlan, memo: StatMemo, pool=None) -> dict[str, str]
     """Source file -> xxh3 digest, memoised by stat. New or changed sources totalling more
     than settings.hash_in_pool_bytes() are hashed on the worker pool (one file per process),
     which also starts the pool while the parent is otherwise idle: a build is coming."""
-    used = {t.source_file for t in plan.tensors}
+    used = {f for t in plan.tensors for f in t.source_files()}
     digest_of = {f: memo.lookup(f) for f in used}
     unknown = [f for f, d in digest_of.items() if d is None]
     if pool is not None and sum(os.path.getsize(f) for f in unknown) > settings.hash_in_pool_bytes():
@@ -92,7 +92,10 @@ def file_key(entries, flat: dict[str, str], versions: dict) -> str:
         "forgekit_format": FORMAT_VERSION, "versions": versions, "metadata": {"format": "mlx"},
         "tensors": [{"key": t.key, "source": t.source_key, "source_digest": flat[t.source_file],
                      "stored_as": t.stored_as, "transforms": t.transforms, "dtype": t.dtype,
-                     "shape": t.shape, "quant": t.quant.model_dump() if t.quant else None}
+                     "shape": t.shape, "quant": t.quant.model_dump() if t.quant else None,
+                     # split/stack outputs: every contributing source (the 1:1 key stays as it was)
+                     **({"segments": [[g.source_key, flat[g.source_file], list(g.rows)] for g in t.segments]}
+                        if t.segments else {})}
                     for t in entries],
     })
 

@@ -24,7 +24,9 @@ from ..dtypes import BY_NAME, BY_ST_CODE, itemsize
 from ..faults import checkpoint
 from ..fileio import DISK_ERRORS, disk_error
 from ..plan import TensorPlan
+from ..errors import SourceError
 from ..plan.head import dequantized_note
+from ..plan.combine import flat_rows
 from ..plan.quant import ROW_CHUNK_BYTES, row_chunks
 from ..sources import TensorSource
 from .compute import VIA_SOURCE, Job, Piece, RawRef, Workspace, run_piece
@@ -77,8 +79,10 @@ def _source_itemsize(ref: RawRef, info_dtype: str) -> int:
 def pieces_of(t: TensorPlan, source: TensorSource, ref: RawRef | None, base: int,
               parts: list[tuple[int, int]], chunk_bytes: int = ROW_CHUNK_BYTES) -> list[Piece]:
     """Row-chunk pieces of one output entry; `parts` are its (offset, nbytes) in the data section."""
-    shape = tuple(source.info(t.source_key).shape)
     quant = (t.quant.bits, t.quant.group_size, t.quant.mode) if t.quant else None
+    if t.segments:
+        return segment_pieces(t, source, base, parts, quant, chunk_bytes)
+    shape = tuple(source.info(t.source_key).shape)
     if ref is None:
         ref = RawRef("", 0, shape, VIA_SOURCE, 0)  # read through source.read in the parent
     # Stored exactly as written: an in-kernel copy, no decoding (e.g. the bf16 matrices of the head).
@@ -94,6 +98,37 @@ def pieces_of(t: TensorPlan, source: TensorSource, ref: RawRef | None, base: int
     for s in row_chunks(shape, size, chunk_bytes):
         dest = tuple((base + o + s.start * r, (s.stop - s.start) * r) for (o, _), r in zip(parts, per_row))
         pieces.append(Piece(ref, (s.start, s.stop), t.transforms, t.dtype, quant, dest, copy, t.source_key))
+    return pieces
+
+
+def flat_ref(source: TensorSource, key: str) -> RawRef:
+    """The tensor's bytes viewed as 2-D rows [prod(shape[:-1]), shape[-1]] (how segments count rows)."""
+    where = source.location(key)
+    info = source.info(key)
+    if where is None:
+        raise SourceError(f"{info.file}: tensor '{key}' has no byte location, so it cannot be split or stacked "
+                          f"piece by piece")
+    rows = flat_rows(tuple(info.shape))
+    return RawRef(where[0], where[1], (rows, info.shape[-1] if info.shape else 1), where[2], info.nbytes // rows)
+
+
+def segment_pieces(t: TensorPlan, source: TensorSource, base: int, parts: list[tuple[int, int]], quant,
+                   chunk_bytes: int) -> list[Piece]:
+    """Pieces of a split or stacked output: row chunks of each segment (plan/combine.py), written at
+    the output rows that segment fills, so no piece ever holds more than one chunk of one source."""
+    out_rows = flat_rows(t.shape)
+    per_row = [n // out_rows for _, n in parts]
+    pieces, at = [], 0
+    for seg in t.segments:
+        ref = flat_ref(source, seg.source_key)
+        n = seg.rows[1] - seg.rows[0]
+        size = max(_source_itemsize(ref, source.info(seg.source_key).dtype), itemsize(t.dtype))
+        copy = quant is None and ref.storage == BY_NAME[t.dtype].st_code
+        for s in row_chunks((n, ref.shape[1]), size, chunk_bytes):
+            dest = tuple((base + o + (at + s.start) * r, (s.stop - s.start) * r) for (o, _), r in zip(parts, per_row))
+            rows = (seg.rows[0] + s.start, seg.rows[0] + s.stop)
+            pieces.append(Piece(ref, rows, (), t.dtype, quant, dest, copy, seg.source_key))
+        at += n
     return pieces
 
 
@@ -168,6 +203,10 @@ def shard_source_bytes(entries: list[TensorPlan], sources: dict[str, TensorSourc
     """Source bytes a shard consumes (the progress total)."""
     total = 0
     for t in entries:
+        if t.segments:
+            total += sum((g.rows[1] - g.rows[0]) * flat_ref(sources[t.role], g.source_key).row_bytes
+                         for g in t.segments)
+            continue
         ref = raw_ref(sources[t.role], t.source_key)
         if ref is not None:
             total += ref.row_bytes * (ref.shape[0] if ref.shape else 1)

@@ -19,6 +19,7 @@ from .head import ACCEPTANCE_WARNING, describe, head_entries, head_quantization,
 from .layout import assign_files
 from .location import check_output_location
 from .quant import QuantDecision, QuantRules, config_entries, layer_count, module_path
+from .combine import combine
 from .remap import Table
 from .tensor import TensorPlan
 from .transforms import TRANSFORMS
@@ -80,7 +81,7 @@ def open_sources(recipe: Recipe) -> tuple[dict[str, TensorSource], list[dict]]:
     return opened, provenance
 
 
-def _map_source(recipe: Recipe, role: str, source: TensorSource, default_dtype: str):
+def _map_source(recipe: Recipe, role: str, source: TensorSource, default_dtype: str, config: dict | None):
     table_name = recipe.table_for(role)
     table = Table(recipe.remap[table_name], source.placeholders())
     result = table.apply(source.keys() + list(source.unread))
@@ -99,10 +100,16 @@ def _map_source(recipe: Recipe, role: str, source: TensorSource, default_dtype: 
             f"{recipe_line(recipe, 'remap', table_name, idx)}: remap.{table_name}[{idx}] rule '{rule.name}' "
             f"matched no tensor of source '{role}' ({where}); fix the pattern or mark it optional: true"
         )
-    entries = []
     for m in result.mapped:
         if m.source_key not in source.tensors:
             raise PlanError(f"source '{role}' ({where}): tensor '{m.source_key}' is needed but its shard was not fetched")
+    entries = []
+    for c in combine(result.mapped, source.tensors, config):   # split / stack rules
+        dtype = c.mapped.rule.dtype or default_dtype
+        entries.append((c.mapped, c.info, c.shape, c.info.dtype if dtype == "source" else dtype, c.segments))
+    for m in result.mapped:
+        if m.rule.split or m.rule.stack:
+            continue
         info = source.info(m.source_key)
         shape = info.shape
         for name in m.rule.transforms:
@@ -113,7 +120,7 @@ def _map_source(recipe: Recipe, role: str, source: TensorSource, default_dtype: 
         dtype = m.rule.dtype or default_dtype
         if dtype == "source":
             dtype = info.dtype
-        entries.append((m, info, shape, dtype))
+        entries.append((m, info, shape, dtype, ()))
     return entries, result.dropped
 
 
@@ -127,8 +134,8 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
     seen: dict[str, str] = {}
     warnings: list[str] = []
     for role, source in sources.items():
-        entries, dropped[role] = _map_source(recipe, role, source, recipe.dtype)
-        for m, info, shape, dtype in entries:
+        entries, dropped[role] = _map_source(recipe, role, source, recipe.dtype, getattr(sources.get("body"), "config", None))
+        for m, info, shape, dtype, segments in entries:
             if m.output_key in seen:
                 raise PlanError(
                     f"{recipe_line(recipe, 'remap', recipe.table_for(role))}: output tensor '{m.output_key}' "
@@ -145,7 +152,7 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
                 key=m.output_key, role=role, source_key=m.source_key, source_file=info.file,
                 source_dtype=info.dtype, stored_as=info.stored_as, rule=m.rule.name,
                 transforms=tuple(m.rule.transforms), dtype=dtype, shape=shape,
-                quant=decision.params, quant_rule=decision.rule,
+                quant=decision.params, quant_rule=decision.rule, segments=segments,
             ))
     unused = rules.unused()
     if unused:

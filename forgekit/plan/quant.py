@@ -8,6 +8,7 @@ rule matches get the recipe's default.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -29,7 +30,9 @@ def module_path(tensor_key: str) -> str | None:
 
 
 def is_quantizable(tensor_key: str, shape: tuple[int, ...]) -> bool:
-    return module_path(tensor_key) is not None and len(shape) == 2
+    """A 2-D `.weight` (Linear, Embedding) or a 3-D stacked-experts `.weight` [E, out, in]
+    (mlx-lm's SwitchLinear); a 3-D weight with last dim 1 is a conv kernel, which mlx-lm never quantizes."""
+    return module_path(tensor_key) is not None and (len(shape) == 2 or (len(shape) == 3 and shape[-1] > 1))
 
 
 class QuantRules:
@@ -77,17 +80,20 @@ def config_entries(default: QuantParams, decisions: dict[str, QuantDecision]) ->
         path = module_path(tensor_key)
         if d.params is None:
             entries[path] = False
-        elif d.params != default:
-            entries[path] = d.params.model_dump()
+        elif d.params != default:   # as mlx-lm's quant predicates write them: no "mode" for affine
+            entry = {"group_size": d.params.group_size, "bits": d.params.bits}
+            entries[path] = entry if d.params.mode == "affine" else {**entry, "mode": d.params.mode}
     return entries
 
 
-def quantized_outputs(shape: tuple[int, int], p: QuantParams, dtype: str) -> dict[str, tuple[str, tuple[int, int]]]:
-    """suffix -> (dtype, shape) of what mx.quantize returns for a [rows, cols] matrix."""
-    rows, cols = shape
+def quantized_outputs(shape: tuple[int, ...], p: QuantParams, dtype: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """suffix -> (dtype, shape) of what mx.quantize returns for a [..., rows, cols] tensor
+    (leading axes, e.g. stacked experts, are kept as they are)."""
+    *lead, cols = shape
+    lead = tuple(lead)
     spec = QUANT_MODES[p.mode]
-    groups = (rows, cols // p.group_size)
-    out = {"weight": ("uint32", (rows, cols * p.bits // 32)), "scales": (dtype if spec.float_scales else "uint8", groups)}
+    groups = lead + (cols // p.group_size,)
+    out = {"weight": ("uint32", lead + (cols * p.bits // 32,)), "scales": (dtype if spec.float_scales else "uint8", groups)}
     if spec.biases:
         out["biases"] = (dtype, groups)
     return out
@@ -103,6 +109,6 @@ def layer_count(config: dict | None) -> int:
 
 def row_chunks(shape: tuple[int, ...], itemsize: int, chunk_bytes: int = ROW_CHUNK_BYTES) -> list[slice]:
     """Row slices small enough to bound memory; per-row-group quantization makes them exact."""
-    row_bytes = max(1, itemsize * (shape[1] if len(shape) > 1 else 1))
+    row_bytes = max(1, itemsize * (math.prod(shape[1:]) if len(shape) > 1 else 1))
     step = max(1, chunk_bytes // row_bytes)
     return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]

@@ -1,7 +1,10 @@
 """Rule tables -> name mapping, with the coverage checks that make a table trustworthy.
 
 Rules are tried in order and the first full match wins. Every source tensor must
-be mapped or dropped by a named rule, and every non-optional rule must match.
+be mapped or dropped by a named rule, and every non-optional rule must match. A `split`
+rule maps one source tensor to several outputs (one Mapped per part), a `stack` rule maps
+numbered source tensors to one output (one Mapped per source, carrying its index); plan/combine.py
+turns those into output tensors with all their sources.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ class Mapped:
     source_key: str
     output_key: str
     rule: RemapRule
+    part: tuple[int, int] | None = None   # split: (this part, number of parts)
+    index: str | None = None              # stack: the number in the source name, as written
 
 
 @dataclass
@@ -63,6 +68,13 @@ class Table:
             used.add(rule.name)
             if rule.drop:
                 result.dropped[key] = rule.name
+            elif rule.split:
+                parts = len(rule.split.to)
+                result.mapped.extend(Mapped(key, m.expand(to), rule, part=(j, parts))
+                                     for j, to in enumerate(rule.split.to))
+            elif rule.stack:
+                index = m.group(rule.stack.index) if rule.stack.index <= len(m.groups()) else None
+                result.mapped.append(Mapped(key, m.expand(rule.stack.to), rule, index=index))
             else:
                 result.mapped.append(Mapped(key, m.expand(rule.to), rule))
         result.unused_rules = [r for r in self.rules if r.name not in used and not r.optional]

@@ -11,7 +11,7 @@ def describe(plan: BuildPlan) -> list[dict]:
     rows = []
     for t in plan.tensors:
         q = f"{t.quant.bits}-bit g{t.quant.group_size} {t.quant.mode}" if t.quant else t.dtype
-        rows.append({"output": t.key, "file": t.file, "source": f"{t.role}:{t.source_key}",
+        rows.append({"output": t.key, "file": t.file, "source": ", ".join(f"{t.role}:{k}" for k in t.source_names()),
                      "stored_as": t.stored_as, "transforms": list(t.transforms), "quant": q,
                      "quant_rule": t.quant_rule, "bytes": t.nbytes(), "shape": list(t.shape)})
     return rows

@@ -10,6 +10,15 @@ from .quant import quantized_outputs
 
 
 @dataclass(frozen=True)
+class Segment:
+    """Rows [r0, r1) of a source tensor viewed as 2-D [prod(shape[:-1]), shape[-1]] (plan/combine.py)."""
+
+    source_key: str
+    source_file: str
+    rows: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     key: str                      # output tensor name (for quantized: the `.weight`)
     role: str                     # source role
@@ -24,6 +33,17 @@ class TensorPlan:
     quant: QuantParams | None
     quant_rule: str
     file: str = ""                # output file name, filled by layout
+    segments: tuple[Segment, ...] = ()  # split/stack outputs: its source rows, in output order; () = 1:1
+
+    def source_files(self) -> set[str]:
+        """Every file this output reads."""
+        return {self.source_file} | {s.source_file for s in self.segments}
+
+    def source_names(self) -> list[str]:
+        """Every source tensor this output reads, in order."""
+        if not self.segments:
+            return [self.source_key]
+        return list(dict.fromkeys(s.source_key for s in self.segments))
 
     def outputs(self) -> list[tuple[str, str, tuple[int, ...]]]:
         """(name, dtype, shape) of every tensor this entry writes."""

@@ -2,7 +2,8 @@
 result dict {step, passed, summary, ...} or raises VerifyError naming the cause.
 
 Steps (module forgekit.verify.<step>, or MODULES[step], function run(directory, plan, params, bodies)):
-structural, norms, load, parity, mtp, mtplx (MTPLX's own runtime; may report itself skipped).
+structural, values (head and split/stacked tensors against the source), norms, load, parity, mtp,
+mtplx (MTPLX's own runtime; may report itself skipped).
 `verify_directory` runs a recipe's steps on an
 existing directory (for `forgekit verify DIR --recipe R`); `report_table` renders
 results for the end of a build.

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import text_args
-from .load import BodyCache, compute_dtype, prompt_tokens, trunk
+from .load import BodyCache, cast_floats, compute_dtype, prompt_tokens, trunk
 
 
 def _greedy_extend(model, ids: list[int], new_tokens: int) -> list[int]:
@@ -78,6 +78,8 @@ def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) ->
         # has no mlx-lm module of its own; mlx-lm's qwen3_5 reads a flat config as its text config)
         built_type = json.loads((directory / "config.json").read_text()).get("model_type")
         source, _ = load(str(root), model_config={"model_type": built_type} if built_type else None)
+        if text_args(plan.body.config or {}).num_experts > 0:
+            cast_floats(source, mx.float32)   # experts run through gather_mm, float32-only on mlx's CPU
         seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
     except Exception as exc:
         return {"passed": False, "cause": f"cannot set up the comparison: {type(exc).__name__}: {exc}"}

@@ -1,7 +1,7 @@
 """structural: file placement, exact head key set/dtypes/shapes (a quantized head or keys
 without the `mtp.` prefix are named as such), no mtp.* in the trunk, conv1d layout,
 quantization consistent with config.json, every mlx-lm module present, every source
-tensor accounted for.
+tensor accounted for, every trunk tensor stored at the bits the recipe's rules decide.
 
 params: head_dtype (safetensors dtype code of the head's float tensors; default: what the plan writes)."""
 
@@ -149,6 +149,24 @@ def _check_trunk(directory: Path, config: dict) -> tuple[dict | None, dict, int]
     return None, trunk, len(shards)
 
 
+def _check_quant_against_recipe(config: dict, trunk: dict, plan) -> dict | None:
+    """Every trunk tensor stored at the bits/group size the recipe's rules decide (a router kept
+    at 4 bits where a rule says 8 is named), and config.json saying the same."""
+    for file in plan.indexed_files:
+        for t in plan.files[file]:
+            for name, _, shape in t.outputs():
+                if name in trunk and tuple(trunk[name]["shape"]) != tuple(shape):
+                    q = f"{t.quant.bits}-bit g{t.quant.group_size}" if t.quant else t.dtype
+                    return _fail(f"{file}: '{name}' is stored {trunk[name]['shape']}, not {list(shape)} as "
+                                 f"{q} (quantization rule '{t.quant_rule}')")
+    entries = config.get("quantization") or {}
+    for path, want in plan.quant_config.items():
+        if entries.get(path) != want:
+            return _fail(f"config.json quantization '{path}' is {entries.get(path)}, the recipe's rules "
+                         f"decide {want}")
+    return None
+
+
 def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     failure, head = _check_head(directory, config, params, plan)
@@ -158,11 +176,14 @@ def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     if failure:
         return failure
     # Every source tensor accounted for (the plan enforces it; record the numbers).
-    accounted = {role: len([t for t in plan.tensors if t.role == role]) + len(plan.dropped.get(role, {}))
-                 for role in plan.sources}
+    accounted = {role: len({n for t in plan.tensors if t.role == role for n in t.source_names()})
+                 + len(plan.dropped.get(role, {})) for role in plan.sources}
     total = {role: len(src.keys()) + len(src.unread) for role, src in plan.sources.items()}
     if accounted != total:
         return _fail(f"source tensors not all accounted for: {accounted} of {total}")
+    failure = _check_quant_against_recipe(config, trunk, plan)
+    if failure:
+        return failure
     quantized = sum(1 for k in trunk if k.endswith(".scales"))
     return {"passed": True, "summary": {"head_keys": len(head), "trunk_tensors": len(trunk),
                                         "quantized_modules": quantized, "shards": shards}}
