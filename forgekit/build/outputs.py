@@ -119,6 +119,7 @@ def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
         "speed": "not measured: tok/s needs an Apple GPU; run `mtplx forge verify DIR --stamp` on a Mac",
     }
     rt["verified_on"] = {"machine": f"{platform.system()} {platform.machine()}", "device": "cpu",
+                         **verification.get("verified_on", {}), "warnings": verification.get("warnings", []),
                          "tool": f"forgekit {__version__}", "python": platform.python_version(),
                          "mtplx_runtime": mtplx_runtime_check(verification)}
     rt["provenance"] = {"recipe": plan.recipe.name, "sources": source_summary(plan, digests)}

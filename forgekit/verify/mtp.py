@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import draft_chain
+from ..verify_params import MtpParams, prompt_list
 from .load import BodyCache, compute_dtype, contract, load_head, prompt_tokens, trunk
 
 
@@ -71,15 +72,7 @@ def chain_stats(drafts: np.ndarray, tokens: np.ndarray, prompt_len: int) -> dict
             "mean_accepted": round(float(lead.sum(axis=0).mean()), 4)}
 
 
-def _thresholds(params: dict, depth: int) -> list[float]:
-    raw = params.get("min_agreement", 0.0)
-    values = list(raw) if isinstance(raw, (list, tuple)) else [raw] * depth
-    if len(values) < depth:
-        values += [values[-1]] * (depth - len(values))
-    return [float(v) for v in values[:depth]]
-
-
-def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) -> dict:
+def run(directory: Path, plan, params: MtpParams, bodies: BodyCache | None = None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     declared = contract(config)
     for key in ("base_hidden_variant", "hidden_variant"):
@@ -89,18 +82,14 @@ def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) ->
     if declared["concat_order"] not in ("embedding_hidden", "hidden_embedding"):
         return {"passed": False, "cause": f"config.json mtplx_mtp_contract.concat_order "
                                           f"'{declared['concat_order']}' is not a known order"}
-    depth, new_tokens = int(params.get("depth", 3)), int(params.get("new_tokens", 32))
-    collapse, thresholds = float(params.get("collapse", 0.05)), _thresholds(params, depth)
-    if new_tokens < depth + 1:
-        return {"passed": False, "cause": f"new_tokens {new_tokens} leaves no round for depth {depth}"}
-    if not params.get("prompts"):
-        return {"passed": False, "cause": "the recipe gives the mtp step no prompts"}
+    depth, new_tokens = params.depth, params.new_tokens
+    collapse, thresholds = params.collapse, params.thresholds()
     start = time.time()
     try:
         dtype = compute_dtype(params)
         model, tokenizer = (bodies or BodyCache()).load(directory, dtype)
         head = load_head(directory, config, dtype).mtp
-        ids = prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
+        ids = prompt_tokens(prompt_list(params.prompts), tokenizer, params.max_prompt_tokens)
     except Exception as exc:  # the load step names these precisely; here they only stop the probe
         return {"passed": False, "cause": f"cannot set up the probe: {type(exc).__name__}: {exc}"}
     prompt_len = min(len(p) for p in ids)          # one batch: every prompt cut to the shortest

@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import text_args
+from ..verify_params import ParityParams, prompt_list
 from .load import BodyCache, compute_dtype, prompt_tokens, trunk
 
 
@@ -50,19 +51,19 @@ def _log_probs(model, seq: list[int]) -> mx.array:
     return out
 
 
-def sequences(params: dict, tokenizer, vocab: int) -> list[list[int]]:
+def sequences(params: ParityParams, tokenizer, vocab: int) -> list[list[int]]:
     """The prompts as token ids, or `random` pseudo-random ids (numpy seed) without prompts."""
-    if params.get("prompts"):
-        return prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
-    spec = {"count": 4, "length": 32, "seed": 0, **params.get("random", {})}
-    rng = np.random.default_rng(spec["seed"])
-    return rng.integers(0, vocab, size=(spec["count"], spec["length"])).tolist()
+    if params.prompts:
+        return prompt_tokens(prompt_list(params.prompts), tokenizer, params.max_prompt_tokens)
+    spec = params.random
+    rng = np.random.default_rng(spec.seed)
+    return rng.integers(0, vocab, size=(spec.count, spec.length)).tolist()
 
 
-def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) -> dict:
+def run(directory: Path, plan, params: ParityParams, bodies: BodyCache | None = None) -> dict:
     from mlx_lm import load
 
-    min_top1, max_kl = float(params.get("min_top1", 0.9)), float(params.get("max_mean_kl", 0.1))
+    min_top1, max_kl = params.min_top1, params.max_mean_kl
     root = plan.sources["body"].root
     if root is None:
         return {"passed": False, "cause": "the body source is not a model directory mlx-lm can load"}
@@ -77,7 +78,7 @@ def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) ->
         seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
     except Exception as exc:
         return {"passed": False, "cause": f"cannot set up the comparison: {type(exc).__name__}: {exc}"}
-    seqs = [_greedy_extend(source, s, int(params.get("new_tokens", 0))) for s in seqs]
+    seqs = [_greedy_extend(source, s, params.new_tokens) for s in seqs]
     reference = [np.array(_log_probs(source, s)) for s in seqs]
     source_seconds = time.time() - start
     del source

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..mtp_head import MTPHeadModel, text_args
 from ..sources.safetensors_dir import read_header
+from ..verify_params import StructuralParams
 
 HEAD_FILE_DEFAULT = "mtp.safetensors"
 
@@ -48,7 +49,7 @@ def _fail(cause: str, **extra) -> dict:
     return {"passed": False, "cause": cause, **extra}
 
 
-def _check_head(directory: Path, config: dict, params: dict) -> tuple[dict | None, dict]:
+def _check_head(directory: Path, config: dict, params: StructuralParams) -> tuple[dict | None, dict]:
     """Head: its own file, exact key set, the recipe's dtype, shapes from config. (failure, header)"""
     head_file = config.get("mlx_lm_extra_tensors", {}).get("mtp_file", HEAD_FILE_DEFAULT)
     if head_file.startswith("model"):
@@ -56,7 +57,7 @@ def _check_head(directory: Path, config: dict, params: dict) -> tuple[dict | Non
     if not (directory / head_file).is_file():
         return _fail(f"head file '{head_file}' named by config.json mlx_lm_extra_tensors is missing"), {}
     head, _ = read_header(directory / head_file)
-    head_dtype = params.get("head_dtype", "BF16")
+    head_dtype = params.head_dtype
     packed = sorted(k for k in head if k.endswith((".scales", ".biases")) or head[k]["dtype"] == "U32")
     if packed:
         bits = config.get("quantization", {}).get("bits", "?")
@@ -120,7 +121,7 @@ def _check_trunk(directory: Path, config: dict) -> tuple[dict | None, dict, int]
     return None, trunk, len(shards)
 
 
-def run(directory: Path, plan, params: dict, bodies=None) -> dict:
+def run(directory: Path, plan, params: StructuralParams, bodies=None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     failure, head = _check_head(directory, config, params)
     if failure:
