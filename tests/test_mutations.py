@@ -105,6 +105,18 @@ def test_b_head_norms_left_zero_centred(good):
                        "MTPLX would classify the head as zero-centred")
 
 
+def test_i_head_norms_shifted_twice(good):
+    """The GGUF's head norms are already absolute (its output_norm proves the convention); a build
+    that shifts them once more is +1 over what the source proves."""
+    def twice(rule):
+        if rule["name"].endswith("norm"):         # the seven mtp-*norm rules
+            rule["transforms"] = ["norm_shift"]
+    extra = child(remap={"mtp": table("mtp", twice)})
+    assert extra.count("norm_shift") == 7
+    assert_build_fails(good, "i", extra, "norms",
+                       "7 norm(s) in mtp.safetensors shifted twice (+1 over a source already absolute)")
+
+
 def test_c_config_claims_the_swapped_concat_order(good):
     extra = child(config={"set": {"mtplx_mtp_contract": {"concat_order": "hidden_embedding"}}})
     assert_build_fails(good, "c", extra, "mtp", "acceptance depth 1", "collapsed", "concat_order hidden_embedding")
