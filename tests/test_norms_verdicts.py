@@ -106,3 +106,14 @@ def test_a_head_gguf_shifted_twice_against_the_proven_convention_fails(work):
     assert proc.returncode != 0, text
     assert "verify step 'norms' failed" in text
     assert "7 head norm(s) shifted twice: +1 over source 'body''s own head in absolute form" in text, text
+
+
+def test_the_base_recipes_default_verify_list_builds_the_demo(work):
+    """No `verify:` in the child: the base recipe's default list (prose prompts, which the fixture's
+    byte tokenizer reads) runs unchanged on the tiny demo; mtplx reports itself skipped here."""
+    proc = run_doit(recipe(work, "defaults", BODY, ""), work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((work / "defaults" / "forgekit-report.json").read_text())
+    assert report["steps"] == ["structural", "norms", "load", "parity", "mtp", "mtplx"]
+    assert report["passed"] and report["verified_on"]["mlx"] == mx.__version__
+    assert report["verified_on"]["head"] == "as stored in its source"
