@@ -69,11 +69,15 @@ class MtpParams(Params):
     min_agreement: Union[float, tuple[float, ...]] = 0.0
     collapse: float = Field(0.05, ge=0, le=1)
     compute_dtype: ComputeDtype = "float32"
+    trace: Literal["greedy", "text"] = Field(
+        "greedy", description="greedy: the trunk extends the prompts by new_tokens, one decode step a "
+                              "token; text: the prompts themselves, scored in one prefill (teacher-forced)")
+    context: int = Field(4, ge=1, description="trace text: rounds start once this many tokens are seen")
 
     @model_validator(mode="after")
     def _one_threshold_per_depth(self):
         _per_depth("min_agreement", self.min_agreement, self.depth)
-        if self.new_tokens < self.depth + 1:
+        if self.trace == "greedy" and self.new_tokens < self.depth + 1:
             raise ValueError(f"new_tokens {self.new_tokens} leaves no round for depth {self.depth}")
         return self
 

@@ -17,7 +17,8 @@ from conftest import ROOT, demo_recipe, run_doit
 from forgekit.build.memo import StatMemo
 from forgekit.errors import VerifyError
 from forgekit.build.names import MANIFEST
-from forgekit.verify import verify_directory
+from forgekit.recipe import VERIFY_STEP
+from forgekit.verify import run_step, verify_directory
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -215,3 +216,36 @@ def test_h_head_of_another_model_fails_the_norm_comparison(good, tmp_path):
     d = doctored(good, tmp_path)
     edit_head(d, lambda head: _random_like(head, keep_norms=False))
     assert_verify_fails(good, d, "norms", "does not match its source")
+
+
+# ------------------------------------------------------------ the base recipe's default (teacher-forced) probe
+
+BASE_MTP = VERIFY_STEP.validate_python(next(s for s in BASE["verify"] if s["step"] == "mtp"))
+
+
+def _shift_head_norms(head: dict) -> dict:
+    return {k: (v.astype(mx.float32) + 1).astype(v.dtype) if v.ndim == 1 else v for k, v in head.items()}
+
+
+def _swap_fc(head: dict) -> dict:
+    w = head["mtp.fc.weight"]
+    half = w.shape[1] // 2
+    return {**head, "mtp.fc.weight": mx.concatenate([w[:, half:], w[:, :half]], axis=1)}
+
+
+def test_the_default_text_probe_passes_the_good_build(good):
+    assert BASE_MTP.params.trace == "text"
+    result = run_step(BASE_MTP, good["out"], None)
+    assert result["summary"]["acceptance"][0] >= 0.9, result["summary"]
+
+
+@pytest.mark.parametrize("mutation", ["fc halves swapped", "head of another model", "head norms shifted twice"])
+def test_the_default_text_probe_fails_the_head_mutations(good, tmp_path, mutation):
+    edit = {"fc halves swapped": _swap_fc, "head of another model": lambda h: _random_like(h, keep_norms=True),
+            "head norms shifted twice": _shift_head_norms}[mutation]
+    d = doctored(good, tmp_path)
+    edit_head(d, edit)
+    with pytest.raises(VerifyError) as err:
+        run_step(BASE_MTP, d, None)
+    assert err.value.step == "mtp" and "depth 1" in err.value.cause, err.value.cause
+

@@ -117,3 +117,14 @@ def test_the_base_recipes_default_verify_list_builds_the_demo(work):
     assert report["steps"] == ["structural", "norms", "load", "parity", "mtp", "mtplx"]
     assert report["passed"] and report["verified_on"]["mlx"] == mx.__version__
     assert report["verified_on"]["head"] == "as stored in its source"
+
+
+def test_the_source_reference_is_cached_by_its_digest(work):
+    """A second build from the same source (here: another output) reuses the bf16 source's
+    log-probs instead of loading the source again; the verdict numbers are the same."""
+    first = json.loads((work / "defaults" / "forgekit-report.json").read_text())["summary"]["parity"]
+    proc = run_doit(recipe(work, "defaults-again", BODY, ""), work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = json.loads((work / "defaults-again" / "forgekit-report.json").read_text())["summary"]["parity"]
+    assert first["reference"] == "computed" and again["reference"] == "cached"
+    assert (again["top1"], again["mean_kl"]) == (first["top1"], first["mean_kl"])

@@ -160,3 +160,19 @@ def test_load_step_rejects_non_finite_logits(built_demo, tmp_path):
     copy = _copy_with_head(built_demo, tmp_path, nan_norm)
     result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), {})
     assert not result["passed"] and result["cause"].startswith("head logits on fixed tokens are not finite")
+
+
+def test_chain_stats_on_teacher_text_judge_a_depth_only_on_the_trunks_path():
+    # text of 8 tokens; the trunk's greedy choice after each position; context 2: rounds t = 1 .. 4
+    tokens = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    greedy = np.array([[1, 2, 9, 4, 5, 6, 7, 8]])   # the text leaves the greedy path only at t=2 (9 != 3)
+    drafts = np.zeros((2, 1, 7), dtype=int)
+    drafts[0, 0] = [9, 8, 4, 5, 6, 9, 9]            # depth 1 at t is judged against greedy[t+1]
+    drafts[1, 0] = [9, 9, 5, 9, 7, 9, 9]            # depth 2 at t against greedy[t+2], where text[t+2] == greedy[t+1]
+    s = chain_stats(drafts, tokens, 2, greedy)
+    assert s["rounds"] == 4
+    assert s["marginal"] == [0.75, 0.5]             # t=2,3,4 right at depth 1; t=2,4 at depth 2
+    # depth 2 is evaluable where depth 1 was accepted AND text[t+2] == greedy[t+1]: t=2, 3, 4 (not t=1,
+    # where depth 1 is wrong and text[3]=3 != greedy[2]=9); of those, depth 2 is right at t=2 and t=4.
+    assert s["evaluable_by_depth"] == [4, 3]
+    assert s["acceptance"] == [0.75, pytest.approx(2 / 3, abs=1e-4)]

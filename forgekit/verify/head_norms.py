@@ -46,7 +46,7 @@ def check(plan, head: dict[str, mx.array], conventions: dict[str, str], tol: flo
     ref = _reference(plan, gguf_roles[0], conventions)
     if ref is None:
         summary["head_convention_proven"] = False
-        warnings = [f"the head's norm convention is NOT proven by its source: the GGUF's output_norm proves its "
+        warnings = ["the head's norm convention is NOT proven by its source: the GGUF's output_norm proves its "
                     f"trunk's convention, not its head's (a head already absolute before conversion ends up "
                     f"shifted twice); no source carries the same head to compare with"]
         low = {k: float(mx.mean(v)) for k, v in head.items() if k.endswith(LOW_FAMILY)}

@@ -55,6 +55,8 @@ class BodyCache:
     def __init__(self):
         self.key = None
         self.value = None
+        self.passes: dict = {}          # trunk_pass.py: forwards of this body, by token ids
+        self.source_digests: dict | None = None   # role -> {file: digest}, set by a build (reference_cache.py)
 
     def load(self, directory: Path, dtype=mx.bfloat16):
         """(model, tokenizer) through mlx-lm's own loader, strict, floats cast to `dtype`."""
@@ -70,6 +72,7 @@ class BodyCache:
 
     def clear(self) -> None:
         self.key = self.value = None
+        self.passes = {}
 
 
 def head_file(directory: Path, config: dict) -> Path:

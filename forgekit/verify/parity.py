@@ -24,7 +24,9 @@ import numpy as np
 
 from ..mtp_head import text_args
 from ..verify_params import ParityParams, prompt_list
-from .load import BodyCache, compute_dtype, prompt_tokens, trunk
+from . import reference_cache
+from .load import BodyCache, compute_dtype, prompt_tokens
+from .trunk_pass import log_probs_by_sequence
 
 
 def _greedy_extend(model, ids: list[int], new_tokens: int) -> list[int]:
@@ -40,14 +42,6 @@ def _greedy_extend(model, ids: list[int], new_tokens: int) -> list[int]:
         token = int(mx.argmax(logits[0, -1]))
         out.append(token)
         logits = model(mx.array([[token]]), cache=cache)
-    return out
-
-
-def _log_probs(model, seq: list[int]) -> mx.array:
-    decoder, _, lm_head = trunk(model)
-    logits = lm_head(decoder(mx.array([seq])))[0].astype(mx.float32)
-    out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    mx.eval(out)
     return out
 
 
@@ -72,28 +66,35 @@ def run(directory: Path, plan, params: ParityParams, bodies: BodyCache | None = 
         dtype = compute_dtype(params)
         bodies = bodies or BodyCache()
         _, tokenizer = bodies.load(directory, dtype)
-        bodies.clear()                 # one model in memory at a time
-        gc.collect()
-        source, _ = load(str(root))
-        seqs = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
+        prompts = sequences(params, tokenizer, text_args(plan.body.config or {}).vocab_size)
+        cache_key = reference_cache.key((bodies.source_digests or {}).get("body"), [prompts, params.new_tokens])
+        cached = reference_cache.load(cache_key)
+        if cached is None:
+            bodies.clear()                 # one model in memory at a time
+            gc.collect()
+            source, _ = load(str(root))
     except Exception as exc:
         return {"passed": False, "cause": f"cannot set up the comparison: {type(exc).__name__}: {exc}"}
-    seqs = [_greedy_extend(source, s, params.new_tokens) for s in seqs]
-    reference = [np.array(_log_probs(source, s)) for s in seqs]
+    if cached is None:
+        seqs = [_greedy_extend(source, s, params.new_tokens) for s in prompts]
+        reference = log_probs_by_sequence(source, seqs)
+        reference_cache.store(cache_key, seqs, reference)
+        del source
+        gc.collect()
+    else:
+        seqs, reference = cached
     source_seconds = time.time() - start
-    del source
-    gc.collect()
     built, _ = bodies.load(directory, dtype)
     agree, kls = [], []
-    for seq, ref in zip(seqs, reference):
-        lp = np.array(_log_probs(built, seq))
+    for lp, ref in zip(log_probs_by_sequence(built, seqs, bodies), reference):
         agree.append(ref.argmax(-1) == lp.argmax(-1))
         kls.append((np.exp(ref) * (ref - lp)).sum(-1))
     agree, kls = np.concatenate(agree), np.concatenate(kls)
     top1, mean_kl = float(agree.mean()), float(kls.mean())
     summary = {"sequences": len(seqs), "positions": int(agree.size), "top1": round(top1, 4),
                "mean_kl": round(mean_kl, 5), "max_kl": round(float(kls.max()), 5),
-               "source_seconds": round(source_seconds, 2), "compute_dtype": str(dtype).split(".")[-1]}
+               "source_seconds": round(source_seconds, 2), "compute_dtype": str(dtype).split(".")[-1],
+               "reference": "cached" if cached is not None else "computed" if cache_key else "computed, not cached"}
     problems = []
     if top1 < min_top1:
         problems.append(f"top-1 agreement with the bf16 source {top1:.3f} < {min_top1}")
