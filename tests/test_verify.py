@@ -176,3 +176,23 @@ def test_chain_stats_on_teacher_text_judge_a_depth_only_on_the_trunks_path():
     # where depth 1 is wrong and text[3]=3 != greedy[2]=9); of those, depth 2 is right at t=2 and t=4.
     assert s["evaluable_by_depth"] == [4, 3]
     assert s["acceptance"] == [0.75, pytest.approx(2 / 3, abs=1e-4)]
+
+
+def test_the_report_says_where_it_ran_and_that_a_head_was_dequantized(tmp_path):
+    from test_cli import quantized_head_gguf
+
+    from forgekit.build.outputs import runtime_json
+    from forgekit.plan import make_plan
+    from forgekit.recipe import load_recipe
+    from forgekit.verify.where import verified_where
+
+    q8 = quantized_head_gguf(tmp_path / "src" / "head-Q8_0.gguf")
+    plan = make_plan(load_recipe(demo_recipe(tmp_path, extra=f"sources:\n  mtp: {{path: {q8}}}\n")))
+    where = verified_where(plan)
+    assert where["head"] == "dequantized from Q8_0" and where["head_dequantized_from"] == ["Q8_0"]
+    assert where["mlx"] == mx.__version__ and where["device"] == str(mx.default_device())
+    runtime = runtime_json(plan, {}, {"results": [], "verified_on": where, "warnings": ["norms: x"]})
+    assert runtime["verified_on"]["head"] == "dequantized from Q8_0" and runtime["verified_on"]["warnings"] == ["norms: x"]
+    (tmp_path / "plain").mkdir()
+    plain = verified_where(make_plan(load_recipe(demo_recipe(tmp_path / "plain"))))
+    assert plain["head"] == "as stored in its source" and plain["head_dequantized_from"] == []
