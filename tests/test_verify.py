@@ -15,6 +15,7 @@ from conftest import HEAD_GGUF, demo_recipe
 from forgekit.errors import VerifyError
 from forgekit.verify import report_table, verify_directory
 from forgekit.verify.mtp import chain_stats
+from forgekit.verify_params import LoadParams
 from forgekit.verify.norms import gguf_convention, head_is_zero_centred, mtplx_says_zero_centred
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -145,7 +146,7 @@ def test_load_step_loads_the_head_strictly(built_demo, tmp_path):
         head["mtp.fc.weight"] = head["mtp.fc.weight"][:, :64]
         return head
     copy = _copy_with_head(built_demo, tmp_path, wrong_shape)
-    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), {})
+    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), LoadParams())
     assert not result["passed"] and "does not load strictly" in result["cause"] and "mtp.fc.weight" in result["cause"]
 
 
@@ -158,7 +159,7 @@ def test_load_step_rejects_non_finite_logits(built_demo, tmp_path):
         head["mtp.norm.weight"] = mx.full(head["mtp.norm.weight"].shape, float("nan"), dtype=mx.bfloat16)
         return head
     copy = _copy_with_head(built_demo, tmp_path, nan_norm)
-    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), {})
+    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), LoadParams())
     assert not result["passed"] and result["cause"].startswith("head logits on fixed tokens are not finite")
 
 
