@@ -285,6 +285,10 @@ def load_recipe(ref: str | Path) -> Recipe:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):   # a verify step's `step`
+            loc, key = loc + ("step",), _key_text(loc + ("step",))
+            msg = (f"unknown step {err['ctx']['tag']!r}" if err["type"] == "union_tag_invalid" else "missing") + \
+                f" (one of: {', '.join(PARAMS)})"
         rule = _rule_name(data, loc)
         if rule and loc[-1] == "match" and msg.startswith("regular expression"):
             msg = f"rule '{rule}': {msg}"
