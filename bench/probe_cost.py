@@ -1,5 +1,16 @@
 """Estimate the CPU cost of the verify probes (mtp, parity) for a Qwen3.5-9B build.
 
+Default: the NEW default verify of recipes/qwen3.5-dense-mtp.yaml (parity and mtp share one
+batched prefill of 2 texts x 32 tokens, teacher-forced mtp, linear layers in numpy on the CPU;
+forgekit/verify/trunk_pass.py, cpu_linear.py), plus the `load` step's 4-token forward:
+
+    built   one forward of the 4-bit body over B x T tokens (+ its lm_head)
+    source  one forward of the bf16 source body over the same tokens (+ its lm_head)
+    drafts  D x (MTP head layer + 4-bit lm_head) over B x (T-1) positions
+    load    4 tokens through the 4-bit body with mlx's kernel (+ 4 lm_head rows)
+
+`--old` also measures the previous default (below), decoded token by token with mlx's kernels.
+
 Measures, on this machine's CPU with mlx, a real-width synthetic Qwen3.5 layer stack
 (hidden 4096, intermediate 12288, 16/4 heads x 256, linear attention 16/32 heads x 128;
 3 gated-delta layers + 1 full-attention layer per 4) with random weights, the MTP head
@@ -75,8 +86,9 @@ def act_dtype(variant: str):
     return mx.float32 if variant.endswith("f32") else mx.bfloat16
 
 
-def timed(fn, repeat: int = 1) -> float:
-    mx.eval(fn())                     # warm-up
+def timed(fn, repeat: int = 1, warm: bool = True) -> float:
+    if warm:
+        mx.eval(fn())                 # warm-up
     start = time.perf_counter()
     for _ in range(repeat):
         mx.eval(fn())
@@ -166,6 +178,62 @@ def estimate(q4: dict, bf16: dict, prompts: int, prompt: int, new: int, depth: i
             "mtp_s": mtp, "parity": {"sequences": parity_seqs, "length": parity_len, **parity}}
 
 
+def _stack(layers: int, variant: str, seed: int = 0):
+    from mlx_lm.models.qwen3_5 import TextModel, TextModelArgs
+
+    mx.random.seed(seed)
+    model = TextModel(TextModelArgs.from_dict(text_config(layers)))
+    randomize(model)
+    prepare(model, variant)
+    return model
+
+
+def new_default_costs(layers: int, batch: int, length: int) -> dict:
+    """Seconds (measured stack of `layers`) of the new default's passes; module docstring."""
+    from forgekit.mtp_head import MTPHead
+    from forgekit.verify.cpu_linear import numpy_linears
+    from mlx_lm.models.qwen3_5 import TextModelArgs
+
+    out = {}
+    x = mx.random.randint(0, 1024, (batch, length))
+    for variant, name in (("q4_f32", "built"), ("bf16", "source")):
+        model = _stack(layers, variant)
+        with numpy_linears(model):
+            out[f"{name}_stack_s"] = timed(lambda: model.model(x), warm=False)
+        if variant == "q4_f32":
+            out["load_stack_s"] = timed(lambda: model.model(x[:1, :4]))          # mlx kernel: < 8 rows
+        del model
+        gc.collect()
+        head = nn.Linear(HIDDEN, VOCAB, bias=False)
+        head.weight = (mx.random.normal((VOCAB, HIDDEN)) * 0.02).astype(mx.bfloat16)
+        prepare(head, variant)
+        h = mx.random.normal((batch, length, HIDDEN)).astype(act_dtype(variant))
+        with numpy_linears(head):
+            out[f"{name}_lm_head_s"] = timed(lambda: head(h), warm=False)
+        if variant == "q4_f32":
+            out["load_lm_head_s"] = timed(lambda: head(h[:1, :4]))
+        del head
+        gc.collect()
+    mtp = MTPHead(TextModelArgs.from_dict(text_config(4)))
+    randomize(mtp)
+    prepare(mtp, "bf16_f32")
+    e, h = (mx.random.normal((batch, length - 1, HIDDEN)) for _ in range(2))
+    with numpy_linears(mtp):
+        out["head_layer_s"] = timed(lambda: mtp.norm(mtp(e, h)), warm=False)
+    print(f"new default, measured: {json.dumps({k: round(v, 3) for k, v in out.items()})}", flush=True)
+    return out
+
+
+def new_default_estimate(c: dict, layers: int, depth: int) -> dict:
+    scale = LAYERS_9B / layers
+    parts = {"built_prefill_s": c["built_stack_s"] * scale + c["built_lm_head_s"],
+             "source_prefill_s": c["source_stack_s"] * scale + c["source_lm_head_s"],
+             "mtp_drafts_s": depth * (c["head_layer_s"] + c["built_lm_head_s"]),
+             "load_forward_s": c["load_stack_s"] * scale + c["load_lm_head_s"]}
+    parts["total_s"] = sum(parts.values())
+    return parts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=4, help="layers in the measured stack (multiple of 4)")
@@ -178,10 +246,22 @@ def main() -> None:
     ap.add_argument("--parity-seqs", type=int, default=1)
     ap.add_argument("--parity-len", type=int, default=24)
     ap.add_argument("--with-q4-bf16", action="store_true", help="also measure the 4-bit body in bf16 (slow)")
+    ap.add_argument("--old", action="store_true", help="also estimate the previous default (token-by-token decode)")
+    ap.add_argument("--texts", type=int, default=2, help="new default: texts in the shared prefill")
+    ap.add_argument("--text-tokens", type=int, default=32, help="new default: tokens per text")
     ap.add_argument("--json", help="write the numbers here")
     ap.add_argument("--measured", help="re-estimate from the 'measured' block of an earlier --json file")
     a = ap.parse_args()
     mx.set_default_device(mx.cpu)
+    with open("/proc/loadavg") as f:
+        load_start = f.read().split()[:3]
+    new = new_default_costs(a.layers, a.texts, a.text_tokens)
+    result = {"loadavg_at_start": load_start,
+              "new_default": {"texts": a.texts, "tokens": a.text_tokens, "depth": a.depth, "measured": new,
+                              "estimate_9b": new_default_estimate(new, a.layers, a.depth)}}
+    if not a.old:
+        _finish(result, a.json)
+        return
     if a.measured:
         with open(a.measured) as f:
             measured = json.load(f)["measured"]
@@ -189,14 +269,18 @@ def main() -> None:
         variants = ["q4_f32", "bf16"] + (["q4_bf16"] if a.with_q4_bf16 else [])
         measured = {v: measure(a.layers, a.tokens, v) for v in variants}
     nine_b = {v: per_9b(c, a.layers) for v, c in measured.items()}
-    result = {"measured": measured, "per_9b": nine_b,
+    result = {**result, "measured": measured, "per_9b": nine_b,
               **estimate(nine_b["q4_f32"], nine_b["bf16"], a.prompts, a.prompt, a.new, a.depth,
                          a.parity_seqs, a.parity_len)}
+    _finish(result, a.json)
+
+
+def _finish(result: dict, path: str | None) -> None:
     with open("/proc/loadavg") as f:
         result["loadavg_at_end"] = f.read().split()[:3]
     print(json.dumps(result, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
 
 

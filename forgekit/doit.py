@@ -237,6 +237,7 @@ def stage(recipe_ref: str) -> None:
 def verify_step(recipe_ref: str, index: int) -> None:
     plan, keys = planned(recipe_ref)
     staging.ensure_staged(plan, keys, _SESSION.pool)
+    _SESSION.bodies.source_digests = keys.digests       # parity's cached source reference is keyed by them
     publishing.run_verify(plan, index, _SESSION.bodies)
 
 

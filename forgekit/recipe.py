@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from .errors import RecipeError
 from .quant_modes import rule_problems
 from .recipe_yaml import read_yaml
 from .regex_risk import backtracking_risk
+from .verify_params import PARAMS
 
 USER_RECIPES = "recipes"   # ./recipes/NAME.yaml under the working directory is looked at first
 # The transforms a rule may name. The schema only needs the names (so validating a recipe loads
@@ -208,9 +210,17 @@ class TiedEmbeddings(Frozen):
     config: tuple[str, ...] = Field(min_length=1)
 
 
-class VerifyStep(Frozen):
-    step: Literal["structural", "values", "norms", "load", "parity", "mtp", "mtplx"]
-    params: dict[str, Any] = {}
+def _verify_step(name: str, params_model: type) -> type:
+    """The recipe entry `{step: <name>, params: {...}}`, its params typed by `params_model`."""
+    return create_model(f"VerifyStep_{name}", __base__=Frozen, step=(Literal[name], ...),
+                        params=(params_model, params_model()) if name not in STEPS_NEEDING_PARAMS
+                        else (params_model, ...))
+
+
+# One model per step (verify_params.PARAMS), told apart by `step`: a typo in params is an unknown key.
+STEPS_NEEDING_PARAMS = ("mtp", "mtplx")           # their prompts have no default
+VerifyStep = Annotated[Union[tuple(_verify_step(n, m) for n, m in PARAMS.items())], Field(discriminator="step")]
+VERIFY_STEP = TypeAdapter(VerifyStep)              # VERIFY_STEP.validate_python({"step": ..., "params": ...})
 
 
 class Card(Frozen):
@@ -362,11 +372,15 @@ def load_recipe(ref: str | Path) -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        loc = _untagged(tuple(err["loc"]))
+        key = _key_text(loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):   # a verify step's `step`
+            loc, key = loc + ("step",), _key_text(loc + ("step",))
+            msg = (f"unknown step {err['ctx']['tag']!r}" if err["type"] == "union_tag_invalid" else "missing") + \
+                f" (one of: {', '.join(PARAMS)})"
         rule = _rule_name(data, loc)
         if rule and loc[-1] == "match" and msg.startswith("regular expression"):
             msg = f"rule '{rule}': {msg}"
@@ -375,6 +389,20 @@ def load_recipe(ref: str | Path) -> Recipe:
     _check_tables(recipe, where, path)
     _check_quantization(recipe, where, path)
     return recipe
+
+
+def _untagged(loc: tuple) -> tuple:
+    """pydantic puts the union tag in a verify step's location (verify, 0, 'mtp', params, ...): drop it."""
+    if len(loc) > 2 and loc[0] == "verify" and isinstance(loc[1], int) and loc[2] in PARAMS:
+        return loc[:2] + loc[3:]
+    return loc
+
+
+def _key_text(loc: tuple) -> str:
+    """`verify[1].params.min_agreement` for verify steps, dotted paths elsewhere."""
+    if len(loc) > 1 and loc[0] == "verify" and isinstance(loc[1], int):
+        return f"verify[{loc[1]}]" + "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in loc[2:])
+    return ".".join(str(p) for p in loc) or "(top level)"
 
 
 def _rule_name(data: Any, loc: tuple) -> Optional[str]:

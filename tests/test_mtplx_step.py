@@ -20,13 +20,13 @@ import pytest
 import yaml
 
 from conftest import DEMO_RECIPE
-from forgekit.errors import ForgeError, VerifyError
-from forgekit.recipe import VerifyStep
+from forgekit.errors import VerifyError
+from forgekit.recipe import VERIFY_STEP
 from forgekit.verify import report_table, run_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-DEMO_STEP = next(VerifyStep(**s) for s in yaml.safe_load(DEMO_RECIPE.read_text())["verify"] if s["step"] == "mtplx")
+DEMO_STEP = next(VERIFY_STEP.validate_python(s) for s in yaml.safe_load(DEMO_RECIPE.read_text())["verify"] if s["step"] == "mtplx")
 LINUX_ONLY = pytest.mark.skipif(sys.platform == "darwin", reason="on macOS mtplx imports without a stand-in")
 
 
@@ -116,9 +116,3 @@ def test_skipped_where_mtplx_does_not_import_and_the_runtime_file_says_so(built_
     assert runtime["verified_on"]["mtplx_runtime"]["status"] == "skipped"
     assert "mtplx" not in runtime["exactness_baseline"]["method"]
     assert "mtplx" in runtime["exactness_baseline"]["skipped"]
-
-
-def test_thresholds_must_give_one_value_per_depth(tmp_path):
-    step = VerifyStep(step="mtplx", params={"prompts": ["x"], "depth": 3, "min_acceptance": [0.9, 0.8]})
-    with pytest.raises(ForgeError, match=r"min_acceptance has 2 values; depth is 3"):
-        run_step(step, tmp_path, None)

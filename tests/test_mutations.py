@@ -17,7 +17,8 @@ from conftest import ROOT, demo_recipe, run_doit
 from forgekit.build.memo import StatMemo
 from forgekit.errors import VerifyError
 from forgekit.build.names import MANIFEST
-from forgekit.verify import verify_directory
+from forgekit.recipe import VERIFY_STEP
+from forgekit.verify import run_step, verify_directory
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -103,6 +104,18 @@ def test_b_head_norms_left_zero_centred(good):
     assert extra.count("norm_unshift") == 7
     assert_build_fails(good, "b", extra, "norms", "7 norm(s) in mtp.safetensors left zero-centred",
                        "MTPLX would classify the head as zero-centred")
+
+
+def test_i_head_norms_shifted_twice(good):
+    """The GGUF's head norms are already absolute (its output_norm proves the convention); a build
+    that shifts them once more is +1 over what the source proves."""
+    def twice(rule):
+        if rule["name"].endswith("norm"):         # the seven mtp-*norm rules
+            rule["transforms"] = ["norm_shift"]
+    extra = child(remap={"mtp": table("mtp", twice)})
+    assert extra.count("norm_shift") == 7
+    assert_build_fails(good, "i", extra, "norms",
+                       "7 norm(s) in mtp.safetensors shifted twice (+1 over a source already absolute)")
 
 
 def test_c_config_claims_the_swapped_concat_order(good):
@@ -203,3 +216,36 @@ def test_h_head_of_another_model_fails_the_norm_comparison(good, tmp_path):
     d = doctored(good, tmp_path)
     edit_head(d, lambda head: _random_like(head, keep_norms=False))
     assert_verify_fails(good, d, "norms", "does not match its source")
+
+
+# ------------------------------------------------------------ the base recipe's default (teacher-forced) probe
+
+BASE_MTP = VERIFY_STEP.validate_python(next(s for s in BASE["verify"] if s["step"] == "mtp"))
+
+
+def _shift_head_norms(head: dict) -> dict:
+    return {k: (v.astype(mx.float32) + 1).astype(v.dtype) if v.ndim == 1 else v for k, v in head.items()}
+
+
+def _swap_fc(head: dict) -> dict:
+    w = head["mtp.fc.weight"]
+    half = w.shape[1] // 2
+    return {**head, "mtp.fc.weight": mx.concatenate([w[:, half:], w[:, :half]], axis=1)}
+
+
+def test_the_default_text_probe_passes_the_good_build(good):
+    assert BASE_MTP.params.trace == "text"
+    result = run_step(BASE_MTP, good["out"], None)
+    assert result["summary"]["acceptance"][0] >= 0.9, result["summary"]
+
+
+@pytest.mark.parametrize("mutation", ["fc halves swapped", "head of another model", "head norms shifted twice"])
+def test_the_default_text_probe_fails_the_head_mutations(good, tmp_path, mutation):
+    edit = {"fc halves swapped": _swap_fc, "head of another model": lambda h: _random_like(h, keep_norms=True),
+            "head norms shifted twice": _shift_head_norms}[mutation]
+    d = doctored(good, tmp_path)
+    edit_head(d, edit)
+    with pytest.raises(VerifyError) as err:
+        run_step(BASE_MTP, d, None)
+    assert err.value.step == "mtp" and "depth 1" in err.value.cause, err.value.cause
+

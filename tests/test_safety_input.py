@@ -59,7 +59,7 @@ def test_recipe_with_small_anchors_and_a_normal_regex_validates(tmp_path):
     path = tmp_path / "anchors.yaml"
     path.write_text(LEGIT_ANCHORS)
     recipe = load_recipe(path)
-    assert recipe.verify[0] == recipe.verify[1] and recipe.verify[0].params == {"head_dtype": "BF16"}
+    assert recipe.verify[0] == recipe.verify[1] and recipe.verify[0].params.head_dtype == "BF16"
     assert recipe.runtime["profiles"] == [{"draft_depth": 2, "temperature": 0.0}] * 2
     rule = recipe.quantization.rules[0]
     assert re.fullmatch(rule.match, "language_model.model.layers.3.mlp.up_proj")

@@ -15,6 +15,7 @@ from conftest import HEAD_GGUF, demo_recipe
 from forgekit.errors import VerifyError
 from forgekit.verify import report_table, verify_directory
 from forgekit.verify.mtp import chain_stats
+from forgekit.verify_params import LoadParams
 from forgekit.verify.norms import gguf_convention, head_is_zero_centred, mtplx_says_zero_centred
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -145,7 +146,7 @@ def test_load_step_loads_the_head_strictly(built_demo, tmp_path):
         head["mtp.fc.weight"] = head["mtp.fc.weight"][:, :64]
         return head
     copy = _copy_with_head(built_demo, tmp_path, wrong_shape)
-    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), {})
+    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), LoadParams())
     assert not result["passed"] and "does not load strictly" in result["cause"] and "mtp.fc.weight" in result["cause"]
 
 
@@ -158,5 +159,41 @@ def test_load_step_rejects_non_finite_logits(built_demo, tmp_path):
         head["mtp.norm.weight"] = mx.full(head["mtp.norm.weight"].shape, float("nan"), dtype=mx.bfloat16)
         return head
     copy = _copy_with_head(built_demo, tmp_path, nan_norm)
-    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), {})
+    result = load.run(copy, make_plan(load_recipe(demo_recipe(tmp_path))), LoadParams())
     assert not result["passed"] and result["cause"].startswith("head logits on fixed tokens are not finite")
+
+
+def test_chain_stats_on_teacher_text_judge_a_depth_only_on_the_trunks_path():
+    # text of 8 tokens; the trunk's greedy choice after each position; context 2: rounds t = 1 .. 4
+    tokens = np.array([[0, 1, 2, 3, 4, 5, 6, 7]])
+    greedy = np.array([[1, 2, 9, 4, 5, 6, 7, 8]])   # the text leaves the greedy path only at t=2 (9 != 3)
+    drafts = np.zeros((2, 1, 7), dtype=int)
+    drafts[0, 0] = [9, 8, 4, 5, 6, 9, 9]            # depth 1 at t is judged against greedy[t+1]
+    drafts[1, 0] = [9, 9, 5, 9, 7, 9, 9]            # depth 2 at t against greedy[t+2], where text[t+2] == greedy[t+1]
+    s = chain_stats(drafts, tokens, 2, greedy)
+    assert s["rounds"] == 4
+    assert s["marginal"] == [0.75, 0.5]             # t=2,3,4 right at depth 1; t=2,4 at depth 2
+    # depth 2 is evaluable where depth 1 was accepted AND text[t+2] == greedy[t+1]: t=2, 3, 4 (not t=1,
+    # where depth 1 is wrong and text[3]=3 != greedy[2]=9); of those, depth 2 is right at t=2 and t=4.
+    assert s["evaluable_by_depth"] == [4, 3]
+    assert s["acceptance"] == [0.75, pytest.approx(2 / 3, abs=1e-4)]
+
+
+def test_the_report_says_where_it_ran_and_that_a_head_was_dequantized(tmp_path):
+    from test_cli import quantized_head_gguf
+
+    from forgekit.build.outputs import runtime_json
+    from forgekit.plan import make_plan
+    from forgekit.recipe import load_recipe
+    from forgekit.verify.where import verified_where
+
+    q8 = quantized_head_gguf(tmp_path / "src" / "head-Q8_0.gguf")
+    plan = make_plan(load_recipe(demo_recipe(tmp_path, extra=f"sources:\n  mtp: {{path: {q8}}}\n")))
+    where = verified_where(plan)
+    assert where["head"] == "dequantized from Q8_0" and where["head_dequantized_from"] == ["Q8_0"]
+    assert where["mlx"] == mx.__version__ and where["device"] == str(mx.default_device())
+    runtime = runtime_json(plan, {}, {"results": [], "verified_on": where, "warnings": ["norms: x"]})
+    assert runtime["verified_on"]["head"] == "dequantized from Q8_0" and runtime["verified_on"]["warnings"] == ["norms: x"]
+    (tmp_path / "plain").mkdir()
+    plain = verified_where(make_plan(load_recipe(demo_recipe(tmp_path / "plain"))))
+    assert plain["head"] == "as stored in its source" and plain["head_dequantized_from"] == []

@@ -117,6 +117,7 @@ def runtime_json(plan: BuildPlan, digests: dict, verification: dict) -> dict:
         "speed": "not measured: tok/s needs an Apple GPU; run `mtplx forge verify DIR --stamp` on a Mac",
     }
     rt["verified_on"] = {"machine": f"{platform.system()} {platform.machine()}", "device": "cpu",
+                         **verification.get("verified_on", {}), "warnings": verification.get("warnings", []),
                          "tool": f"forgekit {__version__}", "python": platform.python_version(),
                          "mtplx_runtime": mtplx_runtime_check(verification)}
     sources = [{**s, "path": Path(s["path"]).name} if s.get("path") else s  # published: no path of this machine

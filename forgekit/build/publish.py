@@ -17,7 +17,8 @@ from .. import __version__
 from ..faults import checkpoint
 from ..fileio import atomic_write_bytes, atomic_write_json, fsync_dir, fsync_file, pid_alive
 from ..plan import BuildPlan
-from ..verify import report_table, run_step
+from ..verify import report_table, run_step, warnings_of
+from ..verify.where import verified_where
 from . import card, outputs
 from .keys import BuildKeys
 from .lock import write_lock
@@ -37,6 +38,8 @@ def run_verify(plan: BuildPlan, index: int, bodies=None) -> dict:
     checkpoint("verify.done")
     atomic_write_json(staging / ".forgekit" / f"verify-{index}-{step.step}.json", result)
     print(f"  verify {step.step}: ok {json.dumps(result.get('summary', {}), sort_keys=True)}", flush=True)
+    for warning in result.get("warnings", []):
+        print(f"  verify {step.step}: WARNING: {warning}", flush=True)
     return result
 
 
@@ -46,7 +49,8 @@ def _verification(plan: BuildPlan, staging: Path, bodies) -> dict:
         path = staging / ".forgekit" / f"verify-{i}-{step.step}.json"
         results.append(json.loads(path.read_text()) if path.is_file() else run_verify(plan, i, bodies))
     return {"passed": all(r.get("passed") for r in results), "steps": [r["step"] for r in results],
-            "summary": {r["step"]: r.get("summary", {}) for r in results}, "results": results}
+            "summary": {r["step"]: r.get("summary", {}) for r in results}, "results": results,
+            "verified_on": verified_where(plan), "warnings": warnings_of(results)}
 
 
 def _write_manifest(plan: BuildPlan, keys: BuildKeys, staging: Path, record: dict) -> dict[str, str]:

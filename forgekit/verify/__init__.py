@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import ForgeError, VerifyError
 from ..recipe import VerifyStep
+from .where import verified_where
 
 MODULES = {"mtplx": "mtplx_step"}   # step name -> module, where the name would shadow a package
 
@@ -27,14 +28,14 @@ def run_step(step: VerifyStep, directory: Path, plan, bodies=None) -> dict:
     module = importlib.import_module(f"{__name__}.{MODULES.get(step.step, step.step)}")
     start = time.time()
     try:
-        result = module.run(Path(directory), plan, dict(step.params), bodies)
+        result = module.run(Path(directory), plan, step.params, bodies)
     except VerifyError:
         raise
     except ForgeError as exc:  # e.g. a corrupt file met while checking: still this step's failure
         raise VerifyError(step.step, str(exc)) from None
     result.setdefault("passed", True)
     result["step"] = step.step
-    result["params"] = dict(step.params)
+    result["params"] = step.params.model_dump(mode="json")
     result["seconds"] = round(time.time() - start, 3)
     if not result["passed"]:
         raise VerifyError(step.step, result.get("cause", "check failed"))
@@ -68,7 +69,13 @@ def verify_directory(directory: Path | str, recipe_ref) -> dict:
             raise
     print(report_table(results), flush=True)
     return {"passed": True, "steps": [r["step"] for r in results],
-            "summary": {r["step"]: r.get("summary", {}) for r in results}, "results": results}
+            "summary": {r["step"]: r.get("summary", {}) for r in results}, "results": results,
+            "verified_on": verified_where(plan), "warnings": warnings_of(results)}
+
+
+def warnings_of(results: list[dict]) -> list[str]:
+    """Every step's warnings (heuristics that did not fail, facts the sources cannot prove)."""
+    return [f"{r['step']}: {w}" for r in results for w in r.get("warnings", [])]
 
 
 def _headline(result: dict) -> str:
@@ -112,5 +119,6 @@ def report_table(results: list[dict]) -> str:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths) + "  " + "-" * 7)
+    lines += [f"  WARNING {w}" for w in warnings_of(results)]
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from ..dtypes import BY_NAME
 from ..mtp_head import MTPHeadModel, text_args
+from ..verify_params import LoadParams
 
 def _signature(directory: Path) -> tuple:
     """Identity of a model directory's current contents (path + stat of its files)."""
@@ -29,17 +30,14 @@ def _signature(directory: Path) -> tuple:
 COMPUTE_DTYPES = ("float32", "bfloat16")   # what the probes may run the built model in
 
 
-def compute_dtype(params: dict):
+def compute_dtype(params):
     """The float dtype the probes run the built model in (params `compute_dtype`).
 
     Default float32: the stored weights are unchanged (packed 4-bit values; bf16 scales,
     biases and norms widen exactly to float32), only activations are wider than on an
     Apple GPU. mlx's CPU quantized matmul is many times slower in bf16 (bench/probe_cost.py).
     """
-    name = params.get("compute_dtype", "float32")
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype '{name}' is not one of {sorted(COMPUTE_DTYPES)}")
-    return BY_NAME[name].mlx()
+    return BY_NAME[params.compute_dtype].mlx()
 
 
 def cast_floats(module, dtype) -> None:
@@ -58,6 +56,8 @@ class BodyCache:
     def __init__(self):
         self.key = None
         self.value = None
+        self.passes: dict = {}          # trunk_pass.py: forwards of this body, by token ids
+        self.source_digests: dict | None = None   # role -> {file: digest}, set by a build (reference_cache.py)
 
     def load(self, directory: Path, dtype=mx.bfloat16):
         """(model, tokenizer) through mlx-lm's own loader, strict, floats cast to `dtype`."""
@@ -73,6 +73,7 @@ class BodyCache:
 
     def clear(self) -> None:
         self.key = self.value = None
+        self.passes = {}
 
 
 def head_file(directory: Path, config: dict) -> Path:
@@ -119,7 +120,7 @@ def prompt_tokens(prompts: list, tokenizer, max_tokens: int | None = None) -> li
     return out
 
 
-def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) -> dict:
+def run(directory: Path, plan, params: LoadParams, bodies: BodyCache | None = None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     try:
         dtype = compute_dtype(params)
@@ -132,7 +133,7 @@ def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) ->
         return {"passed": False, "cause": f"{head_file(directory, config).name} does not load strictly into "
                                           f"the MTP module tree: {exc}"}
     vocab = text_args(config).vocab_size
-    ids = params.get("tokens") or [(7 * i + 3) % vocab for i in range(4)]  # 9B: ~13 s a token on CPU
+    ids = list(params.tokens or ()) or [(7 * i + 3) % vocab for i in range(4)]  # 9B: ~13 s a token on CPU
     tokens = mx.array([ids])
     decoder, embed, lm_head = trunk(model)
     hidden = decoder(tokens)

@@ -32,7 +32,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..mtp_head import draft_chain
+from ..verify_params import MtpParams, prompt_list
+from .cpu_linear import numpy_linears
 from .load import BodyCache, compute_dtype, contract, load_head, prompt_tokens, trunk
+from .trunk_pass import trunk_pass
+
+MIN_EVALUABLE = 8     # rounds a depth needs before its acceptance is judged
 
 
 def greedy_trace(model, prompts: mx.array, new_tokens: int) -> tuple[mx.array, mx.array]:
@@ -55,31 +60,42 @@ def greedy_trace(model, prompts: mx.array, new_tokens: int) -> tuple[mx.array, m
     return mx.concatenate(tokens, axis=1), mx.concatenate(hidden, axis=1)
 
 
-def chain_stats(drafts: np.ndarray, tokens: np.ndarray, prompt_len: int) -> dict:
-    """Agreement by depth (module docstring) from drafts [D, B, L-1] and the trace [B, L]."""
+def chain_stats(drafts: np.ndarray, tokens: np.ndarray, prompt_len: int, greedy: np.ndarray | None = None) -> dict:
+    """Agreement by depth (module docstring) from drafts [D, B, L-1] and the sequences [B, L].
+
+    `greedy` [B, L]: the trunk's argmax after each position. Omitted, `tokens` is the trunk's
+    own greedy trace (greedy[t] = tokens[t+1]; the last is unknown, so rounds end one earlier).
+    Given, `tokens` is teacher text: depth d at round t is evaluable only where the text's
+    tokens t+2 .. t+d are the trunk's own greedy choices (the path accepted drafts take).
+    """
     depth, length = drafts.shape[0], tokens.shape[1]
+    if greedy is None:
+        greedy = np.concatenate([tokens[:, 1:], np.full_like(tokens[:, :1], -1)], axis=1)
     rounds = np.arange(prompt_len - 1, length - 1 - depth)
-    correct = np.stack([drafts[d][:, rounds] == tokens[:, rounds + 2 + d] for d in range(depth)])
+    correct = np.stack([drafts[d][:, rounds] == greedy[:, rounds + 1 + d] for d in range(depth)])
+    agree = tokens[:, rounds[:, None] + 2 + np.arange(depth)] == greedy[:, rounds[:, None] + 1 + np.arange(depth)]
+    on_path = np.stack([np.all(agree[:, :, :d], axis=2) for d in range(depth)])   # [D, B, R]
     lead = np.cumprod(correct, axis=0)                   # [D, B, R]: first d+1 drafts all right
-    cumulative = lead.reshape(depth, -1).mean(axis=1)
-    previous = np.concatenate([[1.0], cumulative[:-1]])
-    acceptance = np.divide(cumulative, previous, out=np.zeros(depth), where=previous > 0)
+    before = np.concatenate([np.ones_like(lead[:1]), lead[:-1]])
+    evaluable = (before & on_path).reshape(depth, -1).sum(axis=1)
+    accepted = (lead & on_path).reshape(depth, -1).sum(axis=1)
+    acceptance = np.divide(accepted, evaluable, out=np.zeros(depth), where=evaluable > 0)
+    n = max(rounds.size * tokens.shape[0], 1)
     return {"rounds": int(rounds.size * tokens.shape[0]),
+            "evaluable_by_depth": evaluable.astype(int).tolist(),
             "marginal": correct.reshape(depth, -1).mean(axis=1).round(4).tolist(),
-            "cumulative": cumulative.round(4).tolist(),
+            "cumulative": (accepted / n).round(4).tolist(),
             "acceptance": acceptance.round(4).tolist(),
-            "mean_accepted": round(float(lead.sum(axis=0).mean()), 4)}
+            "mean_accepted": round(float((lead & on_path).sum(axis=0).mean()), 4)}
 
 
-def _thresholds(params: dict, depth: int) -> list[float]:
-    raw = params.get("min_agreement", 0.0)
-    values = list(raw) if isinstance(raw, (list, tuple)) else [raw] * depth
-    if len(values) < depth:
-        values += [values[-1]] * (depth - len(values))
-    return [float(v) for v in values[:depth]]
+def teacher_pass(model, tokens: mx.array, bodies: BodyCache | None):
+    """(hidden [B, L, H], greedy [B, L]) of one prefill over teacher text (shared with parity)."""
+    hidden, log_probs = trunk_pass(model, tokens, bodies)
+    return hidden, np.argmax(log_probs, axis=-1)
 
 
-def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) -> dict:
+def run(directory: Path, plan, params: MtpParams, bodies: BodyCache | None = None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     declared = contract(config)
     for key in ("base_hidden_variant", "hidden_variant"):
@@ -89,42 +105,48 @@ def run(directory: Path, plan, params: dict, bodies: BodyCache | None = None) ->
     if declared["concat_order"] not in ("embedding_hidden", "hidden_embedding"):
         return {"passed": False, "cause": f"config.json mtplx_mtp_contract.concat_order "
                                           f"'{declared['concat_order']}' is not a known order"}
-    depth, new_tokens = int(params.get("depth", 3)), int(params.get("new_tokens", 32))
-    collapse, thresholds = float(params.get("collapse", 0.05)), _thresholds(params, depth)
-    if new_tokens < depth + 1:
-        return {"passed": False, "cause": f"new_tokens {new_tokens} leaves no round for depth {depth}"}
-    if not params.get("prompts"):
-        return {"passed": False, "cause": "the recipe gives the mtp step no prompts"}
+    depth, new_tokens = params.depth, params.new_tokens
+    collapse, thresholds = params.collapse, params.thresholds()
     start = time.time()
     try:
         dtype = compute_dtype(params)
         model, tokenizer = (bodies or BodyCache()).load(directory, dtype)
         head = load_head(directory, config, dtype).mtp
-        ids = prompt_tokens(params["prompts"], tokenizer, params.get("max_prompt_tokens"))
+        ids = prompt_tokens(prompt_list(params.prompts), tokenizer, params.max_prompt_tokens)
     except Exception as exc:  # the load step names these precisely; here they only stop the probe
         return {"passed": False, "cause": f"cannot set up the probe: {type(exc).__name__}: {exc}"}
     prompt_len = min(len(p) for p in ids)          # one batch: every prompt cut to the shortest
     prompts = mx.array([p[:prompt_len] for p in ids])
     load_seconds = time.time() - start
-    tokens, hidden = greedy_trace(model, prompts, new_tokens)
+    if params.trace == "text":
+        tokens, first_round = prompts, params.context
+        hidden, greedy = teacher_pass(model, tokens, bodies)
+    else:
+        tokens, hidden = greedy_trace(model, prompts, new_tokens)
+        greedy, first_round = None, prompt_len
     trace_seconds = time.time() - start - load_seconds
     _, embed, lm_head = trunk(model)
-    drafts = draft_chain(head, embed, lm_head, tokens, hidden, depth)
-    mx.eval(drafts)
-    stats = chain_stats(np.array(drafts), np.array(tokens), prompt_len)
-    summary = {**stats, "depth": depth, "prompts": len(ids), "prompt_tokens": prompt_len,
-               "new_tokens": new_tokens, "trunk_tokens": int(tokens.size),
+    with numpy_linears(head, model):
+        drafts = draft_chain(head, embed, lm_head, tokens, hidden, depth)
+        mx.eval(drafts)
+    stats = chain_stats(np.array(drafts), np.array(tokens), first_round, greedy)
+    summary = {**stats, "depth": depth, "prompts": len(ids), "prompt_tokens": prompt_len, "trace": params.trace,
+               "new_tokens": new_tokens if params.trace == "greedy" else 0, "trunk_tokens": int(tokens.size),
                "head_positions": int(drafts.size), "concat_order": declared["concat_order"],
                "compute_dtype": str(dtype).split(".")[-1],
                "seconds": {"load": round(load_seconds, 2), "trace": round(trace_seconds, 2),
                            "draft": round(time.time() - start - load_seconds - trace_seconds, 2)}}
-    collapsed = [f"depth {d} {a:.3f}" for d, a in enumerate(stats["acceptance"], 1) if a <= collapse]
+    judged = [n >= MIN_EVALUABLE for n in stats["evaluable_by_depth"]]
+    warnings = [f"depth {d}: only {n} evaluable rounds (the text leaves the trunk's greedy path); not judged"
+                for d, (n, ok) in enumerate(zip(stats["evaluable_by_depth"], judged), 1) if not ok]
+    collapsed = [f"depth {d} {a:.3f}" for d, (a, ok) in enumerate(zip(stats["acceptance"], judged), 1)
+                 if ok and a <= collapse]
     low = [f"depth {d} acceptance {a:.3f} < threshold {t}"
-           for d, (a, t) in enumerate(zip(stats["acceptance"], thresholds), 1) if collapse < a < t]
+           for d, (a, t, ok) in enumerate(zip(stats["acceptance"], thresholds, judged), 1) if ok and collapse < a < t]
     problems = low
     if collapsed:
         problems = [f"acceptance {', '.join(collapsed)} <= {collapse}: collapsed (the head does not draft "
                     f"for this trunk under the declared contract, concat_order {declared['concat_order']})"] + low
     if problems:
-        return {"passed": False, "cause": "; ".join(problems), "summary": summary}
-    return {"passed": True, "summary": summary}
+        return {"passed": False, "cause": "; ".join(problems), "summary": summary, "warnings": warnings}
+    return {"passed": True, "summary": summary, "warnings": warnings}

@@ -22,44 +22,13 @@ depth (3), min_acceptance (list, one per depth; default 0 each).
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
-from typing import Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from ..errors import ForgeError
+from ..verify_params import MtplxParams, prompt_list
+from .where import device_facts
 
 SKIPPED = "mtplx not importable"
-
-
-class MtplxParams(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    prompts: tuple[Union[str, tuple[int, ...]], ...] = Field(min_length=1)
-    max_prompt_tokens: Optional[int] = Field(None, gt=0)
-    new_tokens: int = Field(32, gt=0)
-    depth: int = Field(3, ge=1)
-    min_acceptance: Optional[tuple[float, ...]] = None
-
-    @model_validator(mode="after")
-    def _one_threshold_per_depth(self):
-        if self.min_acceptance is not None and len(self.min_acceptance) != self.depth:
-            raise ValueError(f"min_acceptance has {len(self.min_acceptance)} values; depth is {self.depth}")
-        return self
-
-    def thresholds(self) -> tuple[float, ...]:
-        return self.min_acceptance if self.min_acceptance is not None else (0.0,) * self.depth
-
-
-def parse_params(params: dict) -> MtplxParams:
-    try:
-        return MtplxParams.model_validate(params)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "".join(f".{p}" if isinstance(p, str) else f"[{p}]" for p in first["loc"])
-        raise ForgeError(f"params{where}: {first['msg']}") from None
 
 
 def import_mtplx():
@@ -72,20 +41,11 @@ def import_mtplx():
     return (mtplx, runtime, generation, sampling), None
 
 
-def device_facts() -> dict:
-    """Where the decode ran: mlx's default device, Metal availability, versions."""
-    import mlx.core as mx
-
-    return {"device": str(mx.default_device()), "metal_available": bool(mx.metal.is_available()),
-            "mlx": mx.__version__, "machine": f"{platform.system()} {platform.machine()}"}
-
-
 def acceptance(accepted: list[int], drafted: list[int]) -> list[float]:
     return [round(a / d, 4) if d else 0.0 for a, d in zip(accepted, drafted)]
 
 
-def run(directory: Path, plan, params: dict, bodies=None) -> dict:
-    p = parse_params(params)
+def run(directory: Path, plan, p: MtplxParams, bodies=None) -> dict:
     modules, reason = import_mtplx()
     if modules is None:
         cause = f"{SKIPPED} ({reason})"
@@ -96,7 +56,7 @@ def run(directory: Path, plan, params: dict, bodies=None) -> dict:
     start = time.time()
     try:
         rt = runtime.load(str(directory), mtp=True)
-        ids = prompt_tokens([list(x) if isinstance(x, tuple) else x for x in p.prompts],
+        ids = prompt_tokens(prompt_list(p.prompts),
                             rt.tokenizer, p.max_prompt_tokens)
     except Exception as exc:  # MTPLX's own refusal is the finding
         return {"passed": False, "cause": f"MTPLX cannot load the build: {type(exc).__name__}: {exc}"}

@@ -15,6 +15,7 @@ from ..dtypes import BY_NAME
 from ..mtp_head import MTPHeadModel, text_args
 from ..plan.quant import quantized_outputs
 from ..sources.safetensors_dir import read_header
+from ..verify_params import StructuralParams
 
 HEAD_FILE_DEFAULT = "mtp.safetensors"
 
@@ -66,7 +67,7 @@ def _expected_head_files(config: dict, head_plan: list) -> dict[str, tuple[str, 
     return out
 
 
-def _check_head(directory: Path, config: dict, params: dict, plan) -> tuple[dict | None, dict]:
+def _check_head(directory: Path, config: dict, params: StructuralParams, plan) -> tuple[dict | None, dict]:
     """Head: its own file, exact key set, dtypes and shapes from config and plan. (failure, header)
 
     A quantized head is accepted only when a recipe rule quantizes it on purpose (the plan says so
@@ -79,7 +80,7 @@ def _check_head(directory: Path, config: dict, params: dict, plan) -> tuple[dict
     head, _ = read_header(directory / head_file)
     head_plan = [t for t in plan.tensors if t.file == head_file] if plan is not None else []
     floats = {t.dtype for t in head_plan if t.quant is None} or {"bfloat16"}
-    head_dtype = params.get("head_dtype") or BY_NAME[sorted(floats)[0]].st_code
+    head_dtype = params.head_dtype or BY_NAME[sorted(floats)[0]].st_code
     packed = sorted(k for k in head if k.endswith((".scales", ".biases")) or head[k]["dtype"] == "U32")
     chosen = [t for t in head_plan if t.quant is not None and t.quant_rule != "default"]
     named = {p for p in (config.get("quantization") or {}) if p.startswith("mtp.")}
@@ -167,7 +168,7 @@ def _check_quant_against_recipe(config: dict, trunk: dict, plan) -> dict | None:
     return None
 
 
-def run(directory: Path, plan, params: dict, bodies=None) -> dict:
+def run(directory: Path, plan, params: StructuralParams, bodies=None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     failure, head = _check_head(directory, config, params, plan)
     if failure:

@@ -1,0 +1,85 @@
+"""Multi-token forwards on the CPU through numpy's BLAS instead of mlx's CPU matmul.
+
+On a CPU without Metal, mlx's matmul (dense or 4-bit quantized) runs far below the machine's
+BLAS (measured on the project's 2-core box: mlx float32 0.5 GFLOP/s, 4-bit float32 0.6, numpy
+float32 5.1 on the same load; bench/probe_cost.py). For a forward over many tokens (a prefill,
+the head's sequence-parallel drafts) each linear layer's weight is therefore dequantized (4-bit:
+scale * q + bias, exactly the values mlx's own kernel uses) or widened (bf16) to float32 once,
+for that layer only, and multiplied by numpy; a one-token decode step keeps mlx's kernel (there
+the dequantization would cost more than it saves). Only the summation order differs from mlx.
+
+`numpy_linears(model)` swaps every nn.Linear / nn.QuantizedLinear of a module tree for the
+duration of a `with` block and puts the originals back afterwards. Used only where
+`mx.default_device()` is the CPU.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+MIN_ROWS = 8            # fewer tokens than this: mlx's own kernel (a decode step)
+ROW_CHUNK = 16384       # output rows dequantized at a time (the 248320-row lm_head: 256 MiB a chunk)
+
+
+def _dense_rows(layer: nn.Module, start: int, stop: int) -> np.ndarray:
+    """float32 rows [start, stop) of a (quantized or dense) linear layer's weight."""
+    if isinstance(layer, nn.QuantizedLinear):
+        w = mx.dequantize(layer.weight[start:stop], layer.scales[start:stop],
+                          None if layer.biases is None else layer.biases[start:stop],
+                          group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+    else:
+        w = layer.weight[start:stop]
+    return np.asarray(w.astype(mx.float32))
+
+
+class NumpyLinear(nn.Module):
+    """A linear layer whose multi-token products run in numpy (float32); module docstring."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if rows < MIN_ROWS or mx.default_device() != mx.cpu:
+            return self.inner(x)
+        xs = np.asarray(x.astype(mx.float32)).reshape(rows, x.shape[-1])
+        out_rows = self.inner.weight.shape[0]
+        y = np.empty((rows, out_rows), np.float32)
+        for start in range(0, out_rows, ROW_CHUNK):
+            stop = min(start + ROW_CHUNK, out_rows)
+            np.matmul(xs, _dense_rows(self.inner, start, stop).T, out=y[:, start:stop])
+        out = mx.array(y.reshape(*x.shape[:-1], out_rows))
+        if "bias" in self.inner:
+            out = out + self.inner.bias.astype(mx.float32)
+        return out.astype(x.dtype)
+
+
+def _linear_slots(module: nn.Module, prefix: str = ""):
+    """(parent, key, layer) for every linear layer in the tree (lists of modules included)."""
+    for key, child in module.children().items():
+        items = enumerate(child) if isinstance(child, list) else [(None, child)]
+        for index, item in items:
+            if isinstance(item, (nn.Linear, nn.QuantizedLinear)):
+                yield (child if index is not None else module), (index if index is not None else key), item
+            elif isinstance(item, nn.Module):
+                yield from _linear_slots(item)
+
+
+@contextmanager
+def numpy_linears(*modules: nn.Module):
+    """Within the block, the linear layers of `modules` run multi-token products in numpy."""
+    swapped = []
+    for module in modules:
+        for parent, key, layer in list(_linear_slots(module)):
+            parent[key] = NumpyLinear(layer)
+            swapped.append((parent, key, layer))
+    try:
+        yield
+    finally:
+        for parent, key, layer in swapped:
+            parent[key] = layer
