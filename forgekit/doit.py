@@ -35,6 +35,7 @@ from . import settings
 from .build import publish as publishing
 from .build import stage as staging
 from .build.keys import BuildKeys, build_keys
+from .build import profile
 from .build.output_lock import hold_build_lock
 from .build.ownership import check_output
 from .build.pool import WorkerPool
@@ -77,8 +78,10 @@ class Session:
 
     def planned(self, recipe_ref: str) -> tuple[BuildPlan, BuildKeys]:
         if recipe_ref not in self.plans:
-            plan = make_plan(load_recipe(recipe_ref))
-            self.plans[recipe_ref] = (plan, build_keys(plan, self.pool))
+            with profile.phase("task: plan"):
+                plan = make_plan(load_recipe(recipe_ref))
+            with profile.phase("task: keys (source digests)"):
+                self.plans[recipe_ref] = (plan, build_keys(plan, self.pool))
         return self.plans[recipe_ref]
 
 
@@ -133,6 +136,7 @@ def doit_config(recipe_ref: str) -> dict:
     """DOIT_CONFIG for `recipe=...` (a bad setting, a recipe error or a corrupt state file is one
     line on stderr and exit code 2, checked here because doit opens its state right after)."""
     exit_cleanly_on_interrupt()
+    profile.started()
     try:
         settings.check_all()
         path = state_file(recipe_ref)
@@ -203,6 +207,11 @@ def _fail_cleanly(fn):
 def build_object(recipe_ref: str, file: str) -> None:
     checkpoint("shard.begin")
     plan, keys = planned(recipe_ref)
+    with profile.phase("task: shard"):
+        _build_object(plan, keys, file)
+
+
+def _build_object(plan: BuildPlan, keys: BuildKeys, file: str) -> None:
     key = keys.file_keys[file]
     store = ObjectStore()
     if store.valid(key):
@@ -221,7 +230,8 @@ def object_ready(recipe_ref: str, file: str) -> bool:
 
 @_fail_cleanly
 def stage(recipe_ref: str) -> None:
-    staging.stage(*planned(recipe_ref), _SESSION.pool)
+    with profile.phase("task: stage"):
+        staging.stage(*planned(recipe_ref), _SESSION.pool)
 
 
 @_fail_cleanly
@@ -233,7 +243,8 @@ def verify_step(recipe_ref: str, index: int) -> None:
 
 @_fail_cleanly
 def publish(recipe_ref: str) -> None:
-    publishing.publish(*planned(recipe_ref), _SESSION.pool, _SESSION.bodies)
+    with profile.phase("task: publish"):
+        publishing.publish(*planned(recipe_ref), _SESSION.pool, _SESSION.bodies)
 
 
 def published(recipe_ref: str) -> bool:
