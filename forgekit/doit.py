@@ -48,7 +48,6 @@ from .faults import checkpoint
 from .fileio import DISK_ERRORS, disk_error
 from .plan import BuildPlan, make_plan
 from .recipe import load_recipe
-from .verify.load import BodyCache
 
 
 class XXH3Checker(FileChangedChecker):
@@ -74,12 +73,32 @@ class Session:
 
     plans: dict[str, tuple[BuildPlan, BuildKeys]] = field(default_factory=dict)
     pool: WorkerPool = field(default_factory=WorkerPool)
-    bodies: BodyCache = field(default_factory=BodyCache)
+    loaded_bodies: object = None   # verify.load.BodyCache, made on first use
+    recipes: dict = field(default_factory=dict)
+
+    def recipe(self, recipe_ref: str):
+        """The recipe, loaded once per process (doit's config, the task list and the plan all
+        need it; the file is read when the build starts)."""
+        if recipe_ref not in self.recipes:
+            self.recipes[recipe_ref] = load_recipe(recipe_ref)
+        return self.recipes[recipe_ref]
+
+    def bodies(self, plan: BuildPlan):
+        """The model cache of the verify steps; None when the recipe has none. Imported here, not
+        at module level: verify.load pulls in mlx_lm and transformers (seconds of start-up that
+        a no-op build or a build without verify steps never needs)."""
+        if not plan.recipe.verify:
+            return None
+        if self.loaded_bodies is None:
+            from .verify.load import BodyCache
+
+            self.loaded_bodies = BodyCache()
+        return self.loaded_bodies
 
     def planned(self, recipe_ref: str) -> tuple[BuildPlan, BuildKeys]:
         if recipe_ref not in self.plans:
             with profile.phase("task: plan"):
-                plan = make_plan(load_recipe(recipe_ref))
+                plan = make_plan(self.recipe(recipe_ref))
             with profile.phase("task: keys (source digests)"):
                 self.plans[recipe_ref] = (plan, build_keys(plan, self.pool))
         return self.plans[recipe_ref]
@@ -104,7 +123,7 @@ def state_file(recipe_ref: str) -> Path:
     """
     import xxhash
 
-    out = load_recipe(recipe_ref).output_dir().resolve()
+    out = _SESSION.recipe(recipe_ref).output_dir().resolve()
     return settings.cache_root() / "state" / f"{out.name}-{xxhash.xxh3_64_hexdigest(str(out).encode())}.sqlite3"
 
 
@@ -238,13 +257,14 @@ def stage(recipe_ref: str) -> None:
 def verify_step(recipe_ref: str, index: int) -> None:
     plan, keys = planned(recipe_ref)
     staging.ensure_staged(plan, keys, _SESSION.pool)
-    publishing.run_verify(plan, index, _SESSION.bodies)
+    publishing.run_verify(plan, index, _SESSION.bodies(plan))
 
 
 @_fail_cleanly
 def publish(recipe_ref: str) -> None:
     with profile.phase("task: publish"):
-        publishing.publish(*planned(recipe_ref), _SESSION.pool, _SESSION.bodies)
+        plan, keys = planned(recipe_ref)
+        publishing.publish(plan, keys, _SESSION.pool, _SESSION.bodies(plan))
 
 
 def published(recipe_ref: str) -> bool:
@@ -292,7 +312,7 @@ def build_tasks(recipe_ref: str):
 def recipe_tasks(recipe_ref: str, locked: bool = False):
     """The build's tasks, after taking the output's build lock; user mistakes are one line, exit 2."""
     try:
-        hold_build_lock(check_output(load_recipe(recipe_ref)))
+        hold_build_lock(check_output(_SESSION.recipe(recipe_ref)))
         tasks = list(build_tasks(recipe_ref))
         if locked:  # sources must be exactly those <output>.lock.json records (build/lock.py)
             from .build.lock import check_lock
