@@ -212,7 +212,10 @@ def main(argv=None) -> None:
     ap.add_argument("--convert-layers", type=int, nargs="*", default=[4])
     ap.add_argument("--repeat", type=int, default=1, help="paired full-build/convert runs per size")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled cold build")
+    ap.add_argument("--table", type=Path, help="only print the table of an earlier results.json")
     args = ap.parse_args(argv)
+    if args.table:
+        return print(table(json.loads(args.table.read_text())))
     out = args.out.resolve()
     ckpt = out / "ckpt"
     t0 = time.time()
@@ -275,6 +278,7 @@ def bench_size(out: Path, ckpt: Path, layers: int, with_convert: bool, args) -> 
         if with_convert:
             pair["convert"] = strip(convert(out, ckpt, layers))
             pair["forgekit_over_convert"] = round(full["wall_s"] / pair["convert"]["wall_s"], 3)
+            pair["cpu_over_convert"] = round(full["cpu_s"] / pair["convert"]["cpu_s"], 3)
         pairs.append(pair)
     full = pairs[0]["forgekit"]
     row = {"source_gib": round(sizes["all"] / 2**30, 2), "quantized_gib": round(sizes["quantized"] / 2**30, 2),
@@ -286,6 +290,7 @@ def bench_size(out: Path, ckpt: Path, layers: int, with_convert: bool, args) -> 
     noops = [measure(doit(recipe, cache, out), env, cwd=out) for _ in range(3)]
     assert all(ran(n["output"]) == [] for n in [first] + noops), [n["output"] for n in [first] + noops]
     row["first_noop_s"] = first["wall_s"]
+    row["noop_cpu_s"] = statistics.median(n["cpu_s"] for n in [first] + noops)
     row["noop_s"] = statistics.median(n["wall_s"] for n in noops)
     row["noop_max_s"] = max(n["wall_s"] for n in noops)
     for label, rec in (("mtp_only", write_recipe(out, layers, ckpt, file=f"bench-{layers}L-mtp8.yaml",
@@ -296,6 +301,7 @@ def bench_size(out: Path, ckpt: Path, layers: int, with_convert: bool, args) -> 
         m = measure(doit(rec, cache, out), env, cwd=out)
         row[label] = {**strip(m), "ran": ran(m["output"])}
         row[f"{label}_over_full"] = round(m["wall_s"] / full["wall_s"], 3)
+        row[f"{label}_cpu_over_full"] = round(m["cpu_s"] / full["cpu_s"], 3)
         measure(doit(recipe, cache, out), env, cwd=out)   # back to the plain build
     if not args.no_profile:
         prof = out / f"profile-{layers}L.jsonl"
@@ -335,6 +341,15 @@ def table(r: dict) -> str:
                      f"| {b['noop_s']:.2f} s "
                      f"| {b['mtp_only']['wall_s']:.2f} s ({100 * b['mtp_only_over_full']:.0f}%) "
                      f"| {b['head_source']['wall_s']:.2f} s ({100 * b['head_source_over_full']:.0f}%) |")
+    lines.append("\nCPU seconds (less sensitive to other load than wall time): "
+                 + "; ".join(f"{k}: full {b['full']['cpu_s']:.1f} s"
+                             + "".join(f", convert {p['convert']['cpu_s']:.1f} s (ratio {p['forgekit']['cpu_s'] / p['convert']['cpu_s']:.2f})"
+                                       for p in b["pairs"] if "convert" in p)
+                             + (f", no-op {b['noop_cpu_s']:.2f} s" if "noop_cpu_s" in b else "")
+                             + f", MTP rule {b['mtp_only']['cpu_s']:.1f} s ({100 * b['mtp_only']['cpu_s'] / b['full']['cpu_s']:.0f}%)"
+                             + f", head source {b['head_source']['cpu_s']:.1f} s "
+                               f"({100 * b['head_source']['cpu_s'] / b['full']['cpu_s']:.0f}%)"
+                             for k, b in r["builds"].items()))
     lines.append("\nload average (1 min) before each full build: "
                  + ", ".join(f"{k}: " + " / ".join(str(p["forgekit"]["load_before"]) for p in b["pairs"])
                              for k, b in r["builds"].items()))
