@@ -1,17 +1,24 @@
 """Adversarial input corpus: every case must end in one clear sentence naming the file and
 key (or tensor), a non-zero exit, no traceback, and no output that looks complete.
 
-Each case is (id, setup, expected regex). `setup(tmp)` writes whatever it needs under tmp
-and returns the recipe text; `{body}`, `{gguf}` point at pristine copies of the fixture.
+Each case is (id, setup, expected regex[, Expect]). `setup(tmp)` writes whatever it needs under
+tmp and returns the recipe text; `{body}`, `{gguf}` point at pristine copies of the fixture, and
+`{tmp}` in the expected regex stands for the sandbox path. `Expect` says what a case needs
+beyond that (where the recipe lives, environment, doit arguments, the exit code, and which
+paths must come through byte for byte); most cases use the defaults.
 The table doubles as documentation: README "Guarantees" points here.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 import struct
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -282,6 +289,126 @@ def index_weight_map_list(tmp):
     idx.write_text(json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}))
 
 
+# ------------------------------------------------------------ what a build may write: ownership, siblings, state
+
+@dataclass(frozen=True)
+class Expect:
+    """A case's needs beyond (id, setup, expected). `exit` 0 is a warning case: the build completes
+    and its one warning line is all of stderr. `untouched` paths (relative to the sandbox) are
+    compared before and after the run, never following links; an absent one must stay absent."""
+
+    exit: int = 2
+    recipe: str = "recipe.yaml"
+    env: dict = field(default_factory=dict)        # "{tmp}" in a value stands for the sandbox
+    args: tuple[str, ...] = ()                     # doit arguments, e.g. ("locked=1",)
+    untouched: tuple[str, ...] = ()
+
+
+PLAIN = Expect()
+NOT_OURS = r"exists and is not a forgekit output; choose another output\.dir or remove it"
+REPLACES = r"; the build replaces its output dir, so choose another output\.dir"
+NO_LINK = r" is a symlink; forgekit never writes through one: remove it and run again"
+NO_VERIFY = "verify: []\n"   # warning cases build for real: no verify steps, to stay within the time bound
+USER_FILES = {"notes.txt": b"the user's notes\n", "sub/data.bin": bytes(range(256)) * 4}
+
+
+def snapshot(path: Path):
+    """Everything at `path`, never following links: bytes, link targets, directory trees; None if absent."""
+    if not os.path.lexists(path):
+        return None
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        return ("link", os.readlink(path))
+    if stat.S_ISDIR(mode):
+        return {p.name: snapshot(p) for p in sorted(path.iterdir())}
+    return path.read_bytes() if stat.S_ISREG(mode) else ("special", stat.S_IFMT(mode))
+
+
+def plant_user_files(directory: Path) -> Path:
+    for rel, data in USER_FILES.items():
+        (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+        (directory / rel).write_bytes(data)
+    return directory
+
+
+def with_user_dir(where: str, text: str):
+    """A user's directory (two files) at `where`, and the recipe `text`."""
+    def setup(tmp):
+        plant_user_files(tmp / where)
+        return text
+    return setup
+
+
+def link_to_user_dir(tmp):
+    (tmp / "link").symlink_to(plant_user_files(tmp / "target"), target_is_directory=True)
+    return good(**{"{dir: out}": "{dir: link}"})
+
+
+def regular_file_at_out(tmp):
+    (tmp / "out").write_bytes(b"not a directory\x00\xff")
+    return GOOD
+
+
+def sibling_link(suffix: str, to_dir: bool = False):
+    """A symlink at `out<suffix>` to a user's file (or directory): refused, never followed."""
+    def setup(tmp):
+        victim = plant_user_files(tmp / "victim")
+        (tmp / f"out{suffix}").symlink_to(victim if to_dir else victim / "notes.txt")
+        return GOOD
+    return setup
+
+
+def sibling_file(suffix: str, content: bytes, text: str = GOOD):
+    def setup(tmp):
+        (tmp / f"out{suffix}").write_bytes(content)
+        return text
+    return setup
+
+
+def sibling_fifo(suffix: str):
+    def setup(tmp):
+        os.mkfifo(tmp / f"out{suffix}")
+        return GOOD
+    return setup
+
+
+GARBAGE = b"this is not a sqlite database, it is damaged\n" * 40
+
+
+def garbage_in_cache(rel: str):
+    def setup(tmp):
+        path = tmp / "cache" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(GARBAGE)
+        return GOOD + NO_VERIFY
+    return setup
+
+
+def garbage_doit_state(tmp):
+    """doit's state for `out` (cache/state/<dir name>-<xxh3 of its resolved path>.sqlite3) is not sqlite."""
+    import xxhash
+
+    out = (tmp / "out").resolve()
+    return garbage_in_cache(f"state/out-{xxhash.xxh3_64_hexdigest(str(out).encode())}.sqlite3")(tmp)
+
+
+def cache_record(content: str):
+    """A real build fills the cache (output dir `prior`); then one object's record holds `content`."""
+    def setup(tmp):
+        recipe = tmp / "prior.yaml"
+        recipe.write_text(GOOD.replace("{dir: out}", "{dir: prior}").replace("{body}", str(tmp / "body"))
+                          .replace("{gguf}", str(tmp / "head.gguf")) + NO_VERIFY)
+        proc = run_doit(recipe, tmp)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        first = sorted((tmp / "cache" / "objects").glob("*/*.json"))[0]
+        first.write_text(content)
+        return GOOD + NO_VERIFY
+    return setup
+
+
+NO_OUTPUT_DIR = good(**{"output: {dir: out}\n": ""})
+
+
 CASES = [
     # ---- recipes
     ("yaml-invalid", recipe_only("name: [unclosed\n"), r"recipe\.yaml:\d+: "),
@@ -397,7 +524,72 @@ CASES = [
     ("index-dotdot-shard", doctor_body(index_shard_named("../head.safetensors")),
      r"index\.json: shard '\.\./head\.safetensors' is not a \*\.safetensors file inside the model directory"),
     ("index-weight-map-list", doctor_body(index_weight_map_list), r"index\.json: not a valid safetensors index"),
+    # ---- what a build may write: <out> only if absent, empty or forgekit's; siblings never followed;
+    # damaged state files one line. The user's files come through byte for byte (Expect.untouched).
+    ("output-user-dir", with_user_dir("mine", good(**{"{dir: out}": "{dir: mine}"})),
+     rf"^forgekit: {{tmp}}/recipe\.yaml:6: output\.dir: {{tmp}}/mine {NOT_OURS}$", Expect(untouched=("mine",))),
+    ("output-home", with_user_dir("home", good(**{"{dir: out}": '{dir: "~"}'})),
+     rf"^forgekit: {{tmp}}/recipe\.yaml:6: output\.dir {{tmp}}/home is your home directory{REPLACES}$",
+     Expect(env={"HOME": "{tmp}/home"}, untouched=("home",))),
+    ("output-recipe-dir", with_user_dir("mine", good(**{"{dir: out}": "{dir: .}"})),
+     rf"^forgekit: {{tmp}}/mine/recipe\.yaml:6: output\.dir {{tmp}}/mine is the recipe's directory{REPLACES}$",
+     Expect(recipe="mine/recipe.yaml", untouched=("mine",))),
+    ("output-symlink-to-user-dir", link_to_user_dir,
+     rf"^forgekit: {{tmp}}/recipe\.yaml:6: output\.dir: {{tmp}}/target {NOT_OURS}$", Expect(untouched=("link", "target"))),
+    ("output-is-cache", with_user_dir("cache", good(**{"{dir: out}": "{dir: cache}"})),
+     rf"^forgekit: {{tmp}}/recipe\.yaml:6: output\.dir {{tmp}}/cache is the forgekit cache{REPLACES}$",
+     Expect(untouched=("cache/notes.txt", "cache/sub"))),
+    ("output-inside-cache", recipe_only(good(**{"{dir: out}": "{dir: cache/objects/mine}"})),
+     rf"^forgekit: {{tmp}}/recipe\.yaml:6: output\.dir {{tmp}}/cache/objects/mine lies inside the forgekit cache "
+     rf"\({{tmp}}/cache\){REPLACES}$", Expect(untouched=("cache/objects/mine",))),
+    ("output-regular-file", regular_file_at_out,
+     rf"^forgekit: {{tmp}}/recipe\.yaml:6: output\.dir: {{tmp}}/out {NOT_OURS}$", Expect(untouched=("out",))),
+    ("output-root", recipe_only(good(**{"{dir: out}": "{dir: /}"})),
+     rf"^forgekit: {{tmp}}/recipe\.yaml:6: output\.dir / is the file system root{REPLACES}$"),
+    ("name-nul", recipe_only(NO_OUTPUT_DIR.replace("name: t", 'name: "bad\\0name"')),
+     r"^forgekit: {tmp}/recipe\.yaml:2: name: 'bad\\x00name' must be a plain name \(no '/', '\\', '\.\.' or control "
+     r"characters\): it names the output dir build/<name>$", Expect(untouched=("build",))),
+    ("name-dotdot", recipe_only(NO_OUTPUT_DIR.replace("name: t", 'name: "../escape"')),
+     r"^forgekit: {tmp}/recipe\.yaml:2: name: '\.\./escape' must be a plain name \(no '/', '\\', '\.\.' or control "
+     r"characters\): it names the output dir build/<name>$", Expect(untouched=("build", "escape", "../escape"))),
+    ("staging-symlink", sibling_link(".staging", to_dir=True), rf"^forgekit: {{tmp}}/out\.staging{NO_LINK}$",
+     Expect(untouched=("victim", "out.staging", "out"))),
+    ("staging-user-dir", with_user_dir("out.staging", GOOD),
+     r"^forgekit: {tmp}/out\.staging exists and is not a forgekit staging dir; remove it and run again$",
+     Expect(untouched=("out.staging", "out"))),
+    ("build-lock-symlink", sibling_link(".build-lock"), rf"^forgekit: {{tmp}}/out\.build-lock{NO_LINK}$",
+     Expect(untouched=("victim", "out.build-lock", "out"))),
+    ("build-lock-malformed", sibling_file(".build-lock", b"my shopping list\n"),
+     r"^forgekit: {tmp}/out\.build-lock is not a forgekit build lock \(it holds something other than a pid\); "
+     r"remove it and run again$", Expect(untouched=("out.build-lock", "out"))),
+    ("build-lock-fifo", sibling_fifo(".build-lock"),
+     r"^forgekit: {tmp}/out\.build-lock exists and is not a forgekit file; remove it and run again$",
+     Expect(untouched=("out.build-lock", "out"))),
+    ("lock-json-foreign-locked", sibling_file(".lock.json", b"a user's file\n"),
+     r"^forgekit: {tmp}/out\.lock\.json: not a readable lock file \(Expecting value: line 1 column 1 \(char 0\)\); "
+     r"remove it and build once without --locked \(or run `forgekit lock RECIPE`\) to record the sources again$",
+     Expect(args=("locked=1",), untouched=("out.lock.json", "out"))),
+    ("lock-json-list", sibling_file(".lock.json", b'["a list"]\n'),
+     r"^forgekit: {tmp}/out\.lock\.json: not a forgekit lock file \(version 1\); remove it and build once without "
+     r"--locked", Expect(untouched=("out.lock.json", "out"))),
+    ("lock-json-symlink", sibling_link(".lock.json"), rf"^forgekit: {{tmp}}/out\.lock\.json{NO_LINK}$",
+     Expect(args=("locked=1",), untouched=("victim", "out.lock.json", "out"))),
+    ("state-outputs-registry-corrupt", garbage_in_cache("outputs.sqlite3"),
+     r"^forgekit: {tmp}/cache/outputs\.sqlite3 is corrupt \(.*\); remove it", Expect(untouched=("cache/outputs.sqlite3", "out"))),
+    ("state-doit-corrupt", garbage_doit_state,
+     r"^forgekit: {tmp}/cache/state/out-[0-9a-f]{16}\.sqlite3 is corrupt \(.*\); remove it \(the next build runs its "
+     r"tasks again and reuses the valid cache objects\)$", Expect(untouched=("out",))),
+    ("state-stat-memo-corrupt", garbage_in_cache("stat-memo.sqlite3"),
+     r"^forgekit: warning: {tmp}/cache/stat-memo\.sqlite3 is corrupt \(.*\); replaced it by an empty stat memo "
+     r"\(it only saves re-hashing\)$", Expect(exit=0)),
+    ("cache-record-list", cache_record("[1, 2]"),
+     r"^forgekit: warning: {tmp}/cache/objects/[0-9a-f]{2}/[0-9a-f]+\.json is not a valid cache record; "
+     r"its object is rebuilt$", Expect(exit=0, untouched=("prior",))),
+    ("cache-record-string", cache_record('"text"'),
+     r"^forgekit: warning: {tmp}/cache/objects/[0-9a-f]{2}/[0-9a-f]+\.json is not a valid cache record; "
+     r"its object is rebuilt$", Expect(exit=0, untouched=("prior",))),
 ]
+CASES = [c if len(c) == 4 else (*c, PLAIN) for c in CASES]
 
 
 FIRST_HOSTILE = "yaml-alias-bomb-runtime"
@@ -417,26 +609,43 @@ def sandbox(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("case_id,setup,expected", CASES, ids=[c[0] for c in CASES])
-def test_corpus_case(sandbox, case_id, setup, expected):
-    text = setup(sandbox).replace("{body}", str(sandbox / "body")).replace("{gguf}", str(sandbox / "head.gguf"))
-    write_recipe_text(sandbox / "recipe.yaml", text)
+def run_case(tmp: Path, setup, expect: Expect, timeout: float = 900, before: dict | None = None):
+    """Set the case up in `tmp`, write its recipe where `expect` says, run `doit build` on it for real.
+    `before` (if given) receives a snapshot of the untouched paths just before the run."""
+    text = setup(tmp).replace("{body}", str(tmp / "body")).replace("{gguf}", str(tmp / "head.gguf"))
+    recipe = tmp / expect.recipe
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    write_recipe_text(recipe, text)
+    if before is not None:
+        before.update({rel: snapshot(tmp / rel) for rel in expect.untouched})
+    env = {k: v.replace("{tmp}", str(tmp)) for k, v in expect.env.items()}
+    return run_doit(recipe, tmp, env=env, args=expect.args, timeout=timeout)
+
+
+@pytest.mark.parametrize("case_id,setup,expected,expect", CASES, ids=[c[0] for c in CASES])
+def test_corpus_case(sandbox, case_id, setup, expected, expect):
     bounded = case_id in BOUNDED  # hostile input: must end fast (a hang fails as TimeoutExpired), in one line
-    proc = run_doit(sandbox / "recipe.yaml", sandbox, timeout=HOSTILE_TIMEOUT if bounded else 900)
+    before = {}
+    proc = run_case(sandbox, setup, expect, timeout=HOSTILE_TIMEOUT if bounded else 900, before=before)
     output = proc.stdout + proc.stderr
-    assert proc.returncode != 0, output
     if bounded:
-        assert proc.returncode == 2 and len([ln for ln in output.splitlines() if ln.strip()]) == 1, output
+        assert proc.returncode == expect.exit, output
+        lines = proc.stderr if expect.exit == 0 else output   # a warning case: doit's task lines on stdout
+        assert len([ln for ln in lines.splitlines() if ln.strip()]) == 1, output
         assert "SECRET-LINE" not in output
+    assert proc.returncode != 0 or expect.exit == 0, output
     assert "Traceback" not in output, output
-    assert re.search(expected, output), f"expected /{expected}/ in:\n{output}"
+    expected = expected.replace("{tmp}", re.escape(str(sandbox)))
+    assert re.search(expected, output, flags=re.M), f"expected /{expected}/ in:\n{output}"
     assert not (sandbox / "PWNED").exists()
+    assert {rel: snapshot(sandbox / rel) for rel in expect.untouched} == before
     out = sandbox / "out"
-    assert not (out / "mtplx_runtime.json").exists() and not (out / ".forgekit" / "manifest.json").exists()
+    complete = (out / "mtplx_runtime.json").exists() or (out / ".forgekit" / "manifest.json").exists()
+    assert complete == (expect.exit == 0)   # a refusal leaves nothing that looks complete; a warning builds
 
 
 def test_corpus_is_large_enough():
-    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 90 and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_remote_code_config_is_dropped_never_executed(sandbox):
@@ -471,7 +680,7 @@ def test_refused_input_leaves_the_earlier_artifact_untouched(sandbox, case_id):
     assert run_doit(sandbox / "recipe.yaml", sandbox).returncode == 0
     out = sandbox / "out"
     before = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    _, setup, expected = next(c for c in CASES if c[0] == case_id)
+    _, setup, expected, _ = next(c for c in CASES if c[0] == case_id)
     (sandbox / "recipe.yaml").write_text(fill(setup(sandbox)) + verify)
     proc = run_doit(sandbox / "recipe.yaml", sandbox)
     assert proc.returncode != 0 and re.search(expected, proc.stdout + proc.stderr), proc.stdout + proc.stderr
