@@ -3,12 +3,17 @@ real 9B widths (bench/make_checkpoint.py). Not a test: numbers go to the README.
 
     python bench/run_bench.py                       # 2/4/8 layers, mlx_lm.convert on 4 layers
     python bench/run_bench.py --layers 4 --convert-layers 4 --out /tmp/forgekit-bench
+    python bench/run_bench.py --layers 4 8 --convert-layers 4 8 --repeat 2   # paired runs, twice
 
 Measures, each in a fresh cache (so a full build includes hashing the sources):
-  - full `doit build` wall time and peak RSS of the whole process tree (sum of VmRSS of the
+  - full `doit build` wall time (cold: fresh cache, sources never hashed) and peak RSS of the whole process tree (sum of VmRSS of the
     doit process and all its descendants, polled from /proc every 20 ms), for each layer count
-  - `python -m mlx_lm convert -q --q-bits 4 --q-group-size 64` on the same body, same way
-  - no-op rebuild (median of 3), and a rebuild after changing only the MTP rule (head -> 8 bit)
+  - `python -m mlx_lm convert -q --q-bits 4 --q-group-size 64` on the same body, same way, right
+    after forgekit's full build (paired: the ratio comes from the same moment of machine load)
+  - the first no-op rebuild right after the full build, then the median of 3 more; and a rebuild
+    after changing only the MTP rule (head -> 8 bit) and only the head source
+  - a per-phase profile of one more cold build (FORGEKIT_PROFILE; forgekit/build/profile.py):
+    wall seconds per phase in the build process and summed over the helpers
   - the compute floor: mx.quantize throughput of one core (32 MiB bf16 chunks, g64 4-bit)
     times the usable cores, applied to the bytes the build quantizes
   - that forgekit's trunk tensors equal mlx_lm.convert's bit for bit
@@ -205,7 +210,12 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", action="store_true", help="keep the build caches and outputs")
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--convert-layers", type=int, nargs="*", default=[4])
+    ap.add_argument("--repeat", type=int, default=1, help="paired full-build/convert runs per size")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiled cold build")
+    ap.add_argument("--table", type=Path, help="only print the table of an earlier results.json")
     args = ap.parse_args(argv)
+    if args.table:
+        return print(table(json.loads(args.table.read_text())))
     out = args.out.resolve()
     ckpt = out / "ckpt"
     t0 = time.time()
@@ -218,57 +228,11 @@ def main(argv=None) -> None:
     results: dict = {"machine": {"cores": len(os.sched_getaffinity(0)),
                                  "mem_gib": round(os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30, 1),
                                  "python": sys.version.split()[0]},
-                     "floor": quant_floor(), "builds": {}, "convert": {}}
-    per_core = results["floor"]["per_core_mib_s"] * 2**20
-    cores = results["floor"]["cores"]
+                     "floor": quant_floor(), "builds": {}, "load_at_start": os.getloadavg()}
+    args.floor = results["floor"]
     for layers in args.layers:
-        recipe = write_recipe(out, layers, ckpt)
-        cache = out / f"cache-{layers}L"
-        shutil.rmtree(cache, ignore_errors=True)
-        shutil.rmtree(out / "build" / f"{layers}L", ignore_errors=True)
-        env = {"FORGEKIT_CACHE": str(cache)}
-        sizes = quantized_bytes(recipe)
-        full = measure(doit(recipe, cache, out), env, cwd=out)
-        floor = sizes["quantized"] / (per_core * cores)
-        row = {"source_gib": round(sizes["all"] / 2**30, 2), "quantized_gib": round(sizes["quantized"] / 2**30, 2),
-               "full": {k: v for k, v in full.items() if k != "output"},
-               "floor_s": round(floor, 2), "full_over_floor": round(full["wall_s"] / floor, 2),
-               "output_gib": round(sum(p.stat().st_size for p in (out / "build" / f"{layers}L").glob("*.safetensors"))
-                                   / 2**30, 2),
-               "shard_lines": [line.strip() for line in full["output"].splitlines() if line.strip().startswith("built ")]}
-        noops = [measure(doit(recipe, cache, out), env, cwd=out) for _ in range(3)]
-        assert all(ran(n["output"]) == [] for n in noops), [n["output"] for n in noops]
-        row["noop_s"] = statistics.median(n["wall_s"] for n in noops)
-        row["noop_max_s"] = max(n["wall_s"] for n in noops)
-        mtp_recipe = write_recipe(out, layers, ckpt, file=f"bench-{layers}L-mtp8.yaml",
-                                  extra="quantization:\n  rules:\n"
-                                        "    - {name: mtp-head-8bit, match: 'mtp\\..*', bits: 8}\n")
-        mtp = measure(doit(mtp_recipe, cache, out), env, cwd=out)
-        row["mtp_only"] = {k: v for k, v in mtp.items() if k != "output"}
-        row["mtp_only"]["ran"] = ran(mtp["output"])
-        row["mtp_only_over_full"] = round(mtp["wall_s"] / full["wall_s"], 3)
-        alt_recipe = write_recipe(out, layers, ckpt, file=f"bench-{layers}L-alt-head.yaml", head="alt-MTP-BF16")
-        alt = measure(doit(alt_recipe, cache, out), env, cwd=out)
-        row["head_source"] = {k: v for k, v in alt.items() if k != "output"}
-        row["head_source"]["ran"] = ran(alt["output"])
-        row["head_source_over_full"] = round(alt["wall_s"] / full["wall_s"], 3)
-        results["builds"][f"{layers}L"] = row
-        print(json.dumps({f"{layers}L": row}, indent=1), flush=True)
-        # leave the plain build in place for the comparison below
-        measure(doit(recipe, cache, out), env, cwd=out)
-    for layers in args.convert_layers:
-        target = out / f"mlx-lm-convert-{layers}L"
-        shutil.rmtree(target, ignore_errors=True)
-        conv = measure([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(ckpt / f"body-{layers}L"),
-                        "--mlx-path", str(target), "-q", "--q-bits", "4", "--q-group-size", "64"])
-        row = {k: v for k, v in conv.items() if k != "output"}
-        if f"{layers}L" in results["builds"]:
-            ours = results["builds"][f"{layers}L"]["full"]["wall_s"]
-            row["forgekit_over_convert"] = round(ours / conv["wall_s"], 3)
-            row["trunk_bit_identical"] = same_trunk(out / "build" / f"{layers}L", target)
-        results["convert"][f"{layers}L"] = row
-        print(json.dumps({f"convert {layers}L": row}, indent=1), flush=True)
-        shutil.rmtree(target, ignore_errors=True)
+        results["builds"][f"{layers}L"] = bench_size(out, ckpt, layers, layers in args.convert_layers, args)
+        print(json.dumps({f"{layers}L": results["builds"][f"{layers}L"]}, indent=1), flush=True)
     if not args.keep:
         for layers in args.layers:
             shutil.rmtree(out / f"cache-{layers}L", ignore_errors=True)
@@ -278,20 +242,120 @@ def main(argv=None) -> None:
     print(table(results))
 
 
+def cold_build(out: Path, layers: int, recipe: Path, env: dict | None = None) -> dict:
+    """A full build in a fresh cache (sources never hashed) into a fresh output dir."""
+    cache = out / f"cache-{layers}L"
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(out / "build" / f"{layers}L", ignore_errors=True)
+    return measure(doit(recipe, cache, out), {"FORGEKIT_CACHE": str(cache), **(env or {})}, cwd=out)
+
+
+def convert(out: Path, ckpt: Path, layers: int) -> dict:
+    target = out / f"mlx-lm-convert-{layers}L"
+    shutil.rmtree(target, ignore_errors=True)
+    conv = measure([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(ckpt / f"body-{layers}L"),
+                    "--mlx-path", str(target), "-q", "--q-bits", "4", "--q-group-size", "64"])
+    conv["trunk_bit_identical"] = same_trunk(out / "build" / f"{layers}L", target)
+    shutil.rmtree(target, ignore_errors=True)
+    return conv
+
+
+def strip(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k != "output"}
+
+
+def bench_size(out: Path, ckpt: Path, layers: int, with_convert: bool, args) -> dict:
+    """Every number of one table row (see the module docstring)."""
+    recipe = write_recipe(out, layers, ckpt)
+    cache = out / f"cache-{layers}L"
+    env = {"FORGEKIT_CACHE": str(cache)}
+    sizes = quantized_bytes(recipe)
+    floor = sizes["quantized"] / (args.floor["per_core_mib_s"] * 2**20 * args.floor["cores"])
+    pairs = []
+    for _ in range(max(1, args.repeat) if with_convert else 1):
+        full = cold_build(out, layers, recipe)
+        pair = {"forgekit": strip(full)}
+        if with_convert:
+            pair["convert"] = strip(convert(out, ckpt, layers))
+            pair["forgekit_over_convert"] = round(full["wall_s"] / pair["convert"]["wall_s"], 3)
+            pair["cpu_over_convert"] = round(full["cpu_s"] / pair["convert"]["cpu_s"], 3)
+        pairs.append(pair)
+    full = pairs[0]["forgekit"]
+    row = {"source_gib": round(sizes["all"] / 2**30, 2), "quantized_gib": round(sizes["quantized"] / 2**30, 2),
+           "full": full, "pairs": pairs, "floor_s": round(floor, 2),
+           "full_over_floor": round(min(p["forgekit"]["wall_s"] for p in pairs) / floor, 2),
+           "output_gib": round(sum(p.stat().st_size for p in (out / "build" / f"{layers}L").glob("*.safetensors"))
+                               / 2**30, 2)}
+    first = measure(doit(recipe, cache, out), env, cwd=out)   # the first no-op right after the full build
+    noops = [measure(doit(recipe, cache, out), env, cwd=out) for _ in range(3)]
+    assert all(ran(n["output"]) == [] for n in [first] + noops), [n["output"] for n in [first] + noops]
+    row["first_noop_s"] = first["wall_s"]
+    row["noop_cpu_s"] = statistics.median(n["cpu_s"] for n in [first] + noops)
+    row["noop_s"] = statistics.median(n["wall_s"] for n in noops)
+    row["noop_max_s"] = max(n["wall_s"] for n in noops)
+    for label, rec in (("mtp_only", write_recipe(out, layers, ckpt, file=f"bench-{layers}L-mtp8.yaml",
+                                                  extra="quantization:\n  rules:\n"
+                                                        "    - {name: mtp-head-8bit, match: 'mtp\\..*', bits: 8}\n")),
+                       ("head_source", write_recipe(out, layers, ckpt, file=f"bench-{layers}L-alt-head.yaml",
+                                                    head="alt-MTP-BF16"))):
+        m = measure(doit(rec, cache, out), env, cwd=out)
+        row[label] = {**strip(m), "ran": ran(m["output"])}
+        row[f"{label}_over_full"] = round(m["wall_s"] / full["wall_s"], 3)
+        row[f"{label}_cpu_over_full"] = round(m["cpu_s"] / full["cpu_s"], 3)
+        measure(doit(recipe, cache, out), env, cwd=out)   # back to the plain build
+    if not args.no_profile:
+        prof = out / f"profile-{layers}L.jsonl"
+        prof.unlink(missing_ok=True)
+        m = cold_build(out, layers, recipe, {"FORGEKIT_PROFILE": str(prof)})
+        from forgekit.build.profile import read
+
+        row["profile"] = {"wall_s": m["wall_s"], "load_before": m["load_before"], "phases": read(prof)}
+    return row
+
+
+def profile_table(layers: str, p: dict) -> str:
+    """The phases of one profiled cold build: seconds in the build process, summed over helpers."""
+    parent, helpers = p["phases"].get("parent", {}), p["phases"].get("helper", {})
+    lines = [f"\nprofile, {layers} cold build ({p['wall_s']:.1f} s wall, load {p['load_before']}; "
+             "phases overlap across processes; `task:` rows include the phases inside them):",
+             "| phase | build process | helpers (sum) | calls | GiB |", "|---|---|---|---|---|"]
+    for name in sorted(set(parent) | set(helpers), key=lambda n: (n.startswith("task"), n)):
+        a, b = parent.get(name, [0.0, 0, 0]), helpers.get(name, [0.0, 0, 0])
+        lines.append(f"| {name} | {a[0]:.2f} s | {b[0]:.2f} s | {a[1] + b[1]} | {(a[2] + b[2]) / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
 def table(r: dict) -> str:
-    lines = ["| layers | source bf16 | full build | CPU (others) | peak RSS (tree) | floor | full/floor | no-op "
-             "| MTP rule changed | head source changed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| layers | source bf16 | full build | CPU (others) | peak RSS (tree) | floor | full/floor "
+             "| mlx_lm.convert (RSS) | forgekit/convert | first no-op | no-op | MTP rule changed | head source changed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k, b in r["builds"].items():
-        lines.append(f"| {k} | {b['source_gib']} GiB | {b['full']['wall_s']:.1f} s | {b['full']['cpu_s']:.1f} s "
+        conv = [p for p in b["pairs"] if "convert" in p]
+        c = (" / ".join(f"{p['convert']['wall_s']:.1f} s" for p in conv)
+             + f" ({max(p['convert']['peak_tree_rss_mib'] for p in conv):.0f} MiB)") if conv else "-"
+        ratio = " / ".join(f"{p['forgekit_over_convert']:.2f}" for p in conv) if conv else "-"
+        walls = " / ".join(f"{p['forgekit']['wall_s']:.1f} s" for p in b["pairs"])
+        lines.append(f"| {k} | {b['source_gib']} GiB | {walls} | {b['full']['cpu_s']:.1f} s "
                      f"({b['full']['others_cpu_s']:.1f} s) | {b['full']['peak_tree_rss_mib']:.0f} MiB "
-                     f"| {b['floor_s']:.1f} s | {b['full_over_floor']:.2f}x | {b['noop_s']:.2f} s "
+                     f"| {b['floor_s']:.1f} s | {b['full_over_floor']:.2f}x | {c} | {ratio} | {b['first_noop_s']:.2f} s "
+                     f"| {b['noop_s']:.2f} s "
                      f"| {b['mtp_only']['wall_s']:.2f} s ({100 * b['mtp_only_over_full']:.0f}%) "
                      f"| {b['head_source']['wall_s']:.2f} s ({100 * b['head_source_over_full']:.0f}%) |")
-    for k, c in r["convert"].items():
-        lines.append(f"\nmlx_lm.convert {k}: {c['wall_s']:.1f} s, CPU {c['cpu_s']:.1f} s (others "
-                     f"{c['others_cpu_s']:.1f} s), peak RSS {c['peak_tree_rss_mib']:.0f} MiB; "
-                     f"forgekit/convert = {c.get('forgekit_over_convert')}; trunk bit-identical: "
-                     f"{c.get('trunk_bit_identical')}")
+    lines.append("\nCPU seconds (less sensitive to other load than wall time): "
+                 + "; ".join(f"{k}: full {b['full']['cpu_s']:.1f} s"
+                             + "".join(f", convert {p['convert']['cpu_s']:.1f} s (ratio {p['forgekit']['cpu_s'] / p['convert']['cpu_s']:.2f})"
+                                       for p in b["pairs"] if "convert" in p)
+                             + (f", no-op {b['noop_cpu_s']:.2f} s" if "noop_cpu_s" in b else "")
+                             + f", MTP rule {b['mtp_only']['cpu_s']:.1f} s ({100 * b['mtp_only']['cpu_s'] / b['full']['cpu_s']:.0f}%)"
+                             + f", head source {b['head_source']['cpu_s']:.1f} s "
+                               f"({100 * b['head_source']['cpu_s'] / b['full']['cpu_s']:.0f}%)"
+                             for k, b in r["builds"].items()))
+    lines.append("\nload average (1 min) before each full build: "
+                 + ", ".join(f"{k}: " + " / ".join(str(p["forgekit"]["load_before"]) for p in b["pairs"])
+                             for k, b in r["builds"].items()))
+    for k, b in r["builds"].items():
+        if "profile" in b:
+            lines.append(profile_table(k, b["profile"]))
     f = r["floor"]
     lines.append(f"\nmx.quantize: {f['per_core_mib_s']} MiB/s on one core, {f['all_cores_mib_s']} MiB/s on "
                  f"{f['cores']} cores at once. Bench took {r.get('bench_seconds')} s.")

@@ -35,6 +35,7 @@ from . import settings
 from .build import publish as publishing
 from .build import stage as staging
 from .build.keys import BuildKeys, build_keys
+from .build import profile
 from .build.output_lock import hold_build_lock
 from .build.ownership import check_output
 from .build.pool import WorkerPool
@@ -72,22 +73,34 @@ class Session:
 
     plans: dict[str, tuple[BuildPlan, BuildKeys]] = field(default_factory=dict)
     pool: WorkerPool = field(default_factory=WorkerPool)
-    _bodies: object = None
+    loaded_bodies: object = None   # verify.load.BodyCache, made on first use
+    recipes: dict = field(default_factory=dict)
 
-    @property
-    def bodies(self):
-        """The verify steps' model cache, made on first use (verify.load imports mlx-lm, which
-        takes seconds: a no-op build never pays for it)."""
-        if self._bodies is None:
+    def recipe(self, recipe_ref: str):
+        """The recipe, loaded once per process (doit's config, the task list and the plan all
+        need it; the file is read when the build starts)."""
+        if recipe_ref not in self.recipes:
+            self.recipes[recipe_ref] = load_recipe(recipe_ref)
+        return self.recipes[recipe_ref]
+
+    def bodies(self, plan: BuildPlan):
+        """The model cache of the verify steps; None when the recipe has none. Imported here, not
+        at module level: verify.load pulls in mlx_lm and transformers (seconds of start-up that
+        a no-op build or a build without verify steps never needs)."""
+        if not plan.recipe.verify:
+            return None
+        if self.loaded_bodies is None:
             from .verify.load import BodyCache
 
-            self._bodies = BodyCache()
-        return self._bodies
+            self.loaded_bodies = BodyCache()
+        return self.loaded_bodies
 
     def planned(self, recipe_ref: str) -> tuple[BuildPlan, BuildKeys]:
         if recipe_ref not in self.plans:
-            plan = make_plan(load_recipe(recipe_ref))
-            self.plans[recipe_ref] = (plan, build_keys(plan, self.pool))
+            with profile.phase("task: plan"):
+                plan = make_plan(self.recipe(recipe_ref))
+            with profile.phase("task: keys (source digests)"):
+                self.plans[recipe_ref] = (plan, build_keys(plan, self.pool))
         return self.plans[recipe_ref]
 
 
@@ -110,7 +123,7 @@ def state_file(recipe_ref: str) -> Path:
     """
     import xxhash
 
-    out = load_recipe(recipe_ref).output_dir().resolve()
+    out = _SESSION.recipe(recipe_ref).output_dir().resolve()
     return settings.cache_root() / "state" / f"{out.name}-{xxhash.xxh3_64_hexdigest(str(out).encode())}.sqlite3"
 
 
@@ -142,6 +155,7 @@ def doit_config(recipe_ref: str) -> dict:
     """DOIT_CONFIG for `recipe=...` (a bad setting, a recipe error or a corrupt state file is one
     line on stderr and exit code 2, checked here because doit opens its state right after)."""
     exit_cleanly_on_interrupt()
+    profile.started()
     try:
         settings.check_all()
         path = state_file(recipe_ref)
@@ -212,6 +226,11 @@ def _fail_cleanly(fn):
 def build_object(recipe_ref: str, file: str) -> None:
     checkpoint("shard.begin")
     plan, keys = planned(recipe_ref)
+    with profile.phase("task: shard"):
+        _build_object(plan, keys, file)
+
+
+def _build_object(plan: BuildPlan, keys: BuildKeys, file: str) -> None:
     key = keys.file_keys[file]
     store = ObjectStore()
     if store.valid(key):
@@ -230,20 +249,24 @@ def object_ready(recipe_ref: str, file: str) -> bool:
 
 @_fail_cleanly
 def stage(recipe_ref: str) -> None:
-    staging.stage(*planned(recipe_ref), _SESSION.pool)
+    with profile.phase("task: stage"):
+        staging.stage(*planned(recipe_ref), _SESSION.pool)
 
 
 @_fail_cleanly
 def verify_step(recipe_ref: str, index: int) -> None:
     plan, keys = planned(recipe_ref)
     staging.ensure_staged(plan, keys, _SESSION.pool)
-    _SESSION.bodies.source_digests = keys.digests       # parity's cached source reference is keyed by them
-    publishing.run_verify(plan, index, _SESSION.bodies)
+    bodies = _SESSION.bodies(plan)
+    bodies.source_digests = keys.digests       # parity's cached source reference is keyed by them
+    publishing.run_verify(plan, index, bodies)
 
 
 @_fail_cleanly
 def publish(recipe_ref: str) -> None:
-    publishing.publish(*planned(recipe_ref), _SESSION.pool, _SESSION.bodies)
+    with profile.phase("task: publish"):
+        plan, keys = planned(recipe_ref)
+        publishing.publish(plan, keys, _SESSION.pool, _SESSION.bodies(plan))
 
 
 def published(recipe_ref: str) -> bool:
@@ -291,7 +314,7 @@ def build_tasks(recipe_ref: str):
 def recipe_tasks(recipe_ref: str, locked: bool = False):
     """The build's tasks, after taking the output's build lock; user mistakes are one line, exit 2."""
     try:
-        hold_build_lock(check_output(load_recipe(recipe_ref)))
+        hold_build_lock(check_output(_SESSION.recipe(recipe_ref)))
         tasks = list(build_tasks(recipe_ref))
         if locked:  # sources must be exactly those <output>.lock.json records (build/lock.py)
             from .build.lock import check_lock

@@ -9,6 +9,7 @@ FORGEKIT_TEST_*; users never need them.
     FORGEKIT_JOBS                   processes working on a shard, parent included (default: cores, at most 8)
     FORGEKIT_LOCK_WAIT              seconds to wait for another build of the same output (default: forever)
     FORGEKIT_COPY_OUTPUTS           1: outputs never share inodes with cache objects (default 0)
+    FORGEKIT_PROFILE                file to append per-phase build timings to (bench/run_bench.py; default off)
     FORGEKIT_TEST_POOL_MIN_BYTES    shards with less work run in the parent alone (default 256 MiB)
     FORGEKIT_TEST_JOB_BYTES         source bytes batched into one job (default 32 MiB)
     FORGEKIT_TEST_HASH_IN_POOL_BYTES  new sources totalling more are hashed on the pool (default 1 GiB)
@@ -78,6 +79,10 @@ def lock_wait() -> float | None:
 
 def copy_outputs() -> bool:
     return _flag("FORGEKIT_COPY_OUTPUTS")
+
+
+def profile_file() -> str:
+    return _raw("FORGEKIT_PROFILE")
 
 
 def pool_min_bytes() -> int:

@@ -24,6 +24,7 @@ from ..errors import SourceError
 from ..faults import checkpoint
 from ..plan.transforms import TRANSFORMS
 from ..sources.gguf_file import GGML_PREFIX
+from . import profile
 
 VIA_SOURCE = ""   # RawRef.storage of a tensor with no raw location: read through source.read
 
@@ -101,16 +102,19 @@ def finish(piece: Piece, a, where: str | None = None) -> list:
     cast -> float16 range check -> quantize; the evaluated output parts."""
     import mlx.core as mx
 
-    for name in piece.transforms:
-        a = TRANSFORMS[name].apply(a)
-    a = a.astype(BY_NAME[piece.dtype].mlx())
-    check_cast(piece, a, where)
+    with profile.phase("transform + cast"):
+        for name in piece.transforms:
+            a = TRANSFORMS[name].apply(a)
+        a = a.astype(BY_NAME[piece.dtype].mlx())
+        check_cast(piece, a, where)
+        if profile.enabled():  # profiling only: evaluate here to split the time (same bytes)
+            mx.eval(a)
     if piece.quant is None:
-        outs = [a]
-    else:
+        return [a]
+    with profile.phase("quantize", piece.source_bytes):
         bits, group_size, mode = piece.quant
         outs = list(mx.quantize(a, group_size=group_size, bits=bits, mode=mode))
-    mx.eval(*outs)
+        mx.eval(*outs)
     return outs
 
 
@@ -168,11 +172,12 @@ class Workspace:
     def _fill(self, path: str, view: memoryview, offset: int, n: int) -> None:
         fd = self.fd(path, os.O_RDONLY)
         done = 0
-        while done < n:
-            got = os.preadv(fd, [view[done:n]], offset + done)
-            if got == 0:
-                raise OSError(f"{path}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
-            done += got
+        with profile.phase("read", n):
+            while done < n:
+                got = os.preadv(fd, [view[done:n]], offset + done)
+                if got == 0:
+                    raise OSError(f"{path}: unexpected end of file at byte {offset + done} (file changed or truncated?)")
+                done += got
 
     def pread(self, path: str, offset: int, n: int) -> memoryview:
         """n bytes at offset, into a buffer reused across pieces."""
@@ -212,8 +217,10 @@ class Workspace:
         if self._scratch.nbytes < bits.nbytes:
             self._scratch = np.empty(bits.nbytes, dtype=np.uint8)
         mask = dt.exponent_mask
-        masked = np.bitwise_and(bits, bits_type(mask), out=self._scratch[: bits.nbytes].view(bits_type))
-        if masked.max() == mask:
+        with profile.phase("NaN/inf check", bits.nbytes):
+            masked = np.bitwise_and(bits, bits_type(mask), out=self._scratch[: bits.nbytes].view(bits_type))
+            bad = masked.max() == mask
+        if bad:
             nonfinite(piece)
 
     def read_rows(self, ref: RawRef, rows: tuple[int, int] | None, check: Piece | None = None):
@@ -263,7 +270,8 @@ class Workspace:
             view = self.pread(piece.ref.path, src_off + done, min(step, nbytes - done))
             self.check_finite(piece, view)
             checkpoint("copy.chunk")
-            pwrite_all(fd, view, offset + done)
+            with profile.phase("write", len(view)):
+                pwrite_all(fd, view, offset + done)
             done += len(view)
 
 
@@ -295,7 +303,8 @@ def run_piece(piece: Piece, fd: int, ws: Workspace, source=None, where: str | No
         if len(data) != nbytes:
             raise RuntimeError(f"piece of {where or piece.ref.path} ({piece.name}) produced {len(data)} bytes "
                                f"where the plan expects {nbytes}")
-        pwrite_all(fd, data, offset)
+        with profile.phase("write", nbytes):
+            pwrite_all(fd, data, offset)
         if len(piece.dest) > 1:
             checkpoint("piece.partial")
 

@@ -23,6 +23,7 @@ import xxhash
 from .. import settings
 from ..errors import ForgeError
 from ..faults import checkpoint
+from . import profile
 
 READ_CHUNK = 8 * 2**20
 
@@ -49,28 +50,33 @@ def hash_file(path: Path) -> str:
     Large files are hashed through 64 MiB memory-map windows (about twice as fast as read():
     no copy out of the page cache; resident memory stays one window), small ones with read().
     """
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        with profile.phase("hash", size):
+            return _hash_open(f, size)
+
+
+def _hash_open(f, size: int) -> str:
     import mmap
 
     h = xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        offset = 0
-        if size >= HASH_WINDOW:
-            try:
-                while offset < size:
-                    n = min(HASH_WINDOW, size - offset)
-                    with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset) as m:
-                        h.update(m)
-                    offset += n
-                    checkpoint("cache.hash")
-            except (OSError, ValueError):
-                pass  # fall back to read() from where we are
-        f.seek(offset)
-        buf = bytearray(READ_CHUNK)
-        view = memoryview(buf)
-        while n := f.readinto(view):
-            h.update(view[:n])
-            checkpoint("cache.hash")
+    offset = 0
+    if size >= HASH_WINDOW:
+        try:
+            while offset < size:
+                n = min(HASH_WINDOW, size - offset)
+                with mmap.mmap(f.fileno(), n, access=mmap.ACCESS_READ, offset=offset) as m:
+                    h.update(m)
+                offset += n
+                checkpoint("cache.hash")
+        except (OSError, ValueError):
+            pass  # fall back to read() from where we are
+    f.seek(offset)
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    while n := f.readinto(view):
+        h.update(view[:n])
+        checkpoint("cache.hash")
     return h.hexdigest()
 
 
@@ -152,6 +158,10 @@ class StatMemo:
 
     def _run(self, sql: str, params: tuple = ()) -> list:
         """One statement on the memo; a corrupt memo file is replaced and the statement retried once."""
+        with profile.phase("stat memo (sqlite)"):
+            return self._run_once(sql, params)
+
+    def _run_once(self, sql: str, params: tuple) -> list:
         for attempt in (1, 2):
             try:
                 with _sqlite(self.path, self.SCHEMA, "remove it") as db:

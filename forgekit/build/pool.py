@@ -21,6 +21,7 @@ from .. import settings
 from ..errors import ForgeError
 from ..faults import checkpoint
 from .compute import Job, Workspace, run_job
+from . import profile
 from .memo import hash_file
 
 # The one piece of state a helper process keeps for its lifetime: its descriptors and
@@ -50,6 +51,7 @@ def _init_helper(parent: int) -> None:
     import signal
 
     global _HELPER_WORKSPACE
+    profile.as_helper()
     _HELPER_WORKSPACE = Workspace()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
@@ -63,16 +65,23 @@ def _init_helper(parent: int) -> None:
     import mlx.core as mx
 
     mx.set_cache_limit(64 * 2**20)
+    profile.started("helper start-up (spawn, imports)")
 
 
 def _helper_job(job: Job, delay: float) -> int:
-    return run_job(job, _HELPER_WORKSPACE, delay, helper=True)
+    try:
+        return run_job(job, _HELPER_WORKSPACE, delay, helper=True)
+    finally:
+        profile.flush()
 
 
 def _hash(path: str) -> tuple[str, str, bool]:
     before = os.stat(path)
     checkpoint("pool.hash")
-    digest = hash_file(Path(path))
+    try:
+        digest = hash_file(Path(path))
+    finally:
+        profile.flush()   # helpers are terminated, never exit: flush per item (lines are summed)
     after = os.stat(path)
     same = (before.st_size, before.st_mtime_ns, before.st_ino) == (after.st_size, after.st_mtime_ns, after.st_ino)
     return path, digest, same
@@ -179,7 +188,8 @@ class WorkerPool:
 
     def _collect(self, inflight: list, on_result: Callable, started: set[int], block: bool) -> list:
         if block and inflight and not any(r.ready() for r in inflight):
-            inflight[0].wait(0.05)
+            with profile.phase("wait helpers"):
+                inflight[0].wait(0.05)
             dead = self._dead_helper(started)
             if dead:
                 self.shutdown()

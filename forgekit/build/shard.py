@@ -196,7 +196,31 @@ def write_shard(path: Path, entries: list[TensorPlan], sources: dict[str, Tensor
     size = os.stat(path).st_size
     if size != len(head) + data_size:
         raise RuntimeError(f"{path}: {size} bytes written, the header promises {len(head) + data_size}")
-    return ShardResult(hash_file(path), workers)
+    return ShardResult(hash_while_flushing(path), workers)
+
+
+def hash_while_flushing(path: Path) -> str:
+    """hash_file(path), with the file's writeback (fsync) running meanwhile in a thread.
+
+    The object store fsyncs the file again before renaming it (ObjectStore.commit, unchanged),
+    which then finds it clean: the disk write overlaps the hashing read instead of following it.
+    """
+    import threading
+
+    from ..fileio import fsync_file
+
+    def flush() -> None:
+        try:
+            fsync_file(path)
+        except OSError:
+            pass   # commit's own fsync meets the same error and raises it
+
+    flusher = threading.Thread(target=flush, daemon=True)
+    flusher.start()
+    try:
+        return hash_file(path)
+    finally:
+        flusher.join()
 
 
 def shard_source_bytes(entries: list[TensorPlan], sources: dict[str, TensorSource]) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import settings
 from ..faults import checkpoint
 from ..fileio import atomic_write_json, file_mode, fsync_file, make_temp, stale_temp
+from . import profile
 from .memo import StatMemo, _sqlite, check_sqlite, warn
 from .names import MANIFEST
 
@@ -109,7 +110,8 @@ class ObjectStore:
         """Move a finished temp file into the store and record its digest."""
         obj = self.path(key, suffix)
         obj.parent.mkdir(parents=True, exist_ok=True)
-        fsync_file(tmp_file)   # the data is on disk before the name says it is there
+        with profile.phase("fsync objects"):
+            fsync_file(tmp_file)   # the data is on disk before the name says it is there
         os.replace(tmp_file, obj)
         checkpoint("commit.renamed")
         try:

@@ -1,0 +1,72 @@
+"""A no-op build costs only start-up: no task runs, no file is hashed, and the heavy model
+libraries are not imported. Proven by counting (FORGEKIT_PROFILE's per-phase call counts,
+forgekit/build/profile.py), never by timing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, ran_tasks, run_doit
+from forgekit.build.profile import read
+from test_incremental import base_recipe, build
+
+
+def profiled(recipe, work, name: str):
+    """A real doit build with FORGEKIT_PROFILE; (process, phases of the build process and helpers)."""
+    prof = work / f"{name}.jsonl"
+    proc = build(recipe, work, env={"FORGEKIT_PROFILE": str(prof)})
+    phases = read(prof)
+    merged: dict[str, list] = {}
+    for role in phases.values():
+        for k, v in role.items():
+            merged.setdefault(k, [0.0, 0, 0])
+            merged[k] = [a + b for a, b in zip(merged[k], v)]
+    return proc, merged
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory):
+    work = tmp_path_factory.mktemp("noop")
+    recipe = base_recipe(work)
+    proc, phases = profiled(recipe, work, "cold")
+    return work, recipe, proc, phases
+
+
+def test_cold_build_profile_counts_hashing_and_compute(cold):
+    """The counter the no-op test relies on sees hashing when there is some."""
+    _, _, proc, phases = cold
+    assert "build:publish" in ran_tasks(proc)
+    assert phases["hash"][1] > 0 and phases["hash"][2] > 0          # sources and outputs hashed
+    assert phases["quantize"][1] > 0 and phases["read"][2] > 0
+    assert phases["process lifetime"][0] > 0
+
+
+def test_first_noop_after_a_build_runs_no_task_and_hashes_nothing(cold):
+    work, recipe, _, _ = cold
+    for i in range(2):   # the first one right after the build, and the next
+        proc, phases = profiled(recipe, work, f"noop-{i}")
+        assert ran_tasks(proc) == [], proc.stdout
+        assert "hash" not in phases, phases
+
+
+def test_a_lost_stat_memo_makes_the_next_build_hash_again(cold):
+    """Mis-case for the test above: with the memo gone, sources and outputs are re-hashed (and
+    nothing is rebuilt), so the count does see re-hashing when it happens."""
+    work, recipe, _, _ = cold
+    (work / "cache" / "stat-memo.sqlite3").unlink()
+    proc, phases = profiled(recipe, work, "no-memo")
+    assert phases["hash"][1] >= 1
+    assert not [t for t in ran_tasks(proc) if t.startswith("build:shard:")]
+
+
+def test_build_process_start_up_does_not_import_the_model_libraries():
+    """mlx_lm (and transformers behind it) cost seconds of start-up, more when a large build
+    has pushed them out of the page cache; only a verify step needs them."""
+    code = "import sys, forgekit.doit; print(sorted(m for m in ('mlx_lm', 'transformers', 'mlx.core') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout
