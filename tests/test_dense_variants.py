@@ -16,13 +16,13 @@ import pytest
 
 from conftest import BODY, run_doit
 from variants import TIED, child_recipe, text_only, text_only_without, text_recipe, tied_copy, tied_recipe
-from forgekit.recipe import VerifyStep
+from forgekit.recipe import VERIFY_STEP
 from forgekit.verify import run_step
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-MTPLX_STEP = VerifyStep(step="mtplx", params={"prompts": ["<|im_start|>ab", "<|im_start|>Kx", "<|im_start|>7q"],
+MTPLX_STEP = VERIFY_STEP.validate_python({"step": "mtplx", "params": {"prompts": ["<|im_start|>ab", "<|im_start|>Kx", "<|im_start|>7q"],
                                                "new_tokens": 16, "depth": 3,
-                                               "min_acceptance": [0.95, 0.90, 0.85]})
+                                               "min_acceptance": [0.95, 0.90, 0.85]}})
 
 
 def build(work, text: str):

@@ -153,7 +153,7 @@ def test_mtplx_runtime_decodes_with_mtp_equal_to_ar(moe_builds):
         pytest.skip("no C compiler to build the libSystem stand-in")
     import mtplx_standin
 
-    from forgekit.recipe import VerifyStep
+    from forgekit.recipe import VERIFY_STEP
     from forgekit.verify import run_step
 
     mtplx_standin.install()
@@ -161,7 +161,7 @@ def test_mtplx_runtime_decodes_with_mtp_equal_to_ar(moe_builds):
     import mtplx.runtime  # noqa: F401
 
     mtplx_standin.gather_mm_in_float32()
-    step = next(VerifyStep(**s) for s in yaml.safe_load(MOE_RECIPE.read_text())["verify"] if s["step"] == "mtplx")
+    step = next(VERIFY_STEP.validate_python(s) for s in yaml.safe_load(MOE_RECIPE.read_text())["verify"] if s["step"] == "mtplx")
     result = run_step(step, moe_builds["gguf"], None)
     assert result["passed"] and "skipped" not in result, result
     summary = result["summary"]

@@ -30,7 +30,7 @@ HEAD_NAMES = ["nextn.eh_proj", "nextn.enorm", "nextn.hnorm", "nextn.shared_head_
 
 
 def head_shapes(h: int, heads: int, kv: int, hd: int, inter: int) -> dict[str, tuple[int, ...]]:
-    """numpy shapes ([out, in]) of the 15 head tensors of a qwen35 GGUF (REFERENCE §1, §3)."""
+    """numpy shapes ([out, in]) of the 15 head tensors of a qwen35 GGUF (docs/facts.md: the head keys and the GGUF layout)."""
     return {"nextn.eh_proj": (h, 2 * h), "nextn.enorm": (h,), "nextn.hnorm": (h,), "nextn.shared_head_norm": (h,),
             "attn_norm": (h,), "post_attention_norm": (h,), "attn_q": (2 * heads * hd, h), "attn_k": (kv * hd, h),
             "attn_v": (kv * hd, h), "attn_output": (h, heads * hd), "attn_q_norm": (hd,), "attn_k_norm": (hd,),
