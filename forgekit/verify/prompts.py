@@ -36,7 +36,7 @@ def check_prompts(plan) -> int:
     for i, step in enumerate(plan.recipe.verify):
         if step.step not in PROMPT_STEPS:
             continue
-        for j, prompt in enumerate(step.params.get("prompts") or ()):
+        for j, prompt in enumerate(getattr(step.params, "prompts", ()) or ()):
             where = recipe_line(plan.recipe, "verify", i, "params", "prompts")
             if isinstance(prompt, str):
                 tokenizer = tokenizer or _tokenizer(plan.body.root, where, step.step)
