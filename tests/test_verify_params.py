@@ -21,6 +21,7 @@ PROMPTS = {"prompts": ["<|im_start|>ab"]}
 # Per step: valid params, and a typo of one real key.
 TYPOS = {
     "structural": ({}, "head_dtyp"),
+    "values": ({}, "experts"),
     "norms": ({"q_norm_mean": [1.25, 2.4]}, "tolerence"),
     "load": ({}, "token"),
     "parity": (PROMPTS, "min_top_1"),

@@ -124,6 +124,24 @@ def _map_source(recipe: Recipe, role: str, source: TensorSource, default_dtype: 
     return entries, result.dropped
 
 
+def _quant_config(recipe: Recipe, files: dict, indexed: list, sidecars: list, tensors: list[TensorPlan],
+                  warnings: list[str]) -> dict:
+    """config.json's quantization entries: the trunk's as mlx-lm writes them, plus every quantized
+    head module named explicitly (even at the default: the load step and readers of config.json
+    tell a deliberately quantized head by these entries). A head mixing settings is refused."""
+    trunk_decisions = {t.key: QuantDecision(t.quant, t.quant_rule) for f in indexed for t in files[f]}
+    head = head_entries(tensors, sidecars)
+    mixed = mixed_head_params(head)
+    if mixed:
+        raise PlanError(f"{recipe_line(recipe, 'quantization', 'rules')}: quantization.rules: the MTP head mixes "
+                        f"{mixed}; MTPLX loads a head quantized one way: give its rules one bits/group size/mode")
+    if head_quantization(head):
+        warnings.append(ACCEPTANCE_WARNING.format(how=describe(next(t for t in head if t.quant))))
+    quant_config = config_entries(recipe.quantization.default, trunk_decisions)
+    quant_config.update({module_path(t.key): t.quant.model_dump() for t in head if t.quant})
+    return quant_config
+
+
 def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
               provenance: list[dict] | None = None) -> BuildPlan:
     if sources is None:
@@ -170,18 +188,7 @@ def make_plan(recipe: Recipe, sources: dict[str, TensorSource] | None = None,
     tensors.sort(key=lambda t: natural_key(t.key))
     files, indexed, sidecars = assign_files(recipe, tensors)
     tensors = [t for f in files.values() for t in f]
-    trunk_decisions = {t.key: QuantDecision(t.quant, t.quant_rule) for f in indexed for t in files[f]}
-    head = head_entries(tensors, sidecars)
-    mixed = mixed_head_params(head)
-    if mixed:
-        raise PlanError(f"{recipe_line(recipe, 'quantization', 'rules')}: quantization.rules: the MTP head mixes "
-                        f"{mixed}; MTPLX loads a head quantized one way: give its rules one bits/group size/mode")
-    if head_quantization(head):
-        warnings.append(ACCEPTANCE_WARNING.format(how=describe(next(t for t in head if t.quant))))
-    quant_config = config_entries(recipe.quantization.default, trunk_decisions)
-    # The config names every quantized head module explicitly (even at the default): the load step
-    # and readers of config.json tell a deliberately quantized head by these entries.
-    quant_config.update({module_path(t.key): t.quant.model_dump() for t in head if t.quant})
+    quant_config = _quant_config(recipe, files, indexed, sidecars, tensors, warnings)
     return BuildPlan(
         recipe=recipe, tensors=tensors, files=files, indexed_files=indexed, sidecar_files=sidecars,
         dropped=dropped, quant_config=quant_config,
