@@ -126,4 +126,5 @@ def test_verify_without_recipe_uses_the_manifest(built_demo, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "forgekit.cli", "verify", str(built_demo)], capture_output=True,
                           text=True, timeout=600, env={**os.environ, "FORGEKIT_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[-1].startswith(f"ok: {built_demo} verified against recipe {manifest['recipe_file']}")
+    recorded = (built_demo / manifest["recipe_file"]).resolve()     # kept relative to the output dir
+    assert proc.stdout.splitlines()[-1].startswith(f"ok: {built_demo} verified against recipe {recorded}")

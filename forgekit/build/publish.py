@@ -60,7 +60,10 @@ def _write_manifest(plan: BuildPlan, keys: BuildKeys, staging: Path, record: dic
             known = record["files"].get(p.name)
             files[p.name] = known if known is not None else hash_file(p)
     atomic_write_json(staging / MANIFEST, {"build_key": keys.build_key, "recipe": plan.recipe.name,
-                                           "recipe_file": plan.recipe.recipe_file,  # `forgekit verify DIR`
+                                           # relative to the output dir, so the bytes do not depend on
+                                           # where it was built (`forgekit verify DIR` reads it back)
+                                           "recipe_file": os.path.relpath(plan.recipe.recipe_file,
+                                                                          plan.recipe.output_dir().resolve()),
                                            "files": files, "objects": dict(keys.file_keys),
                                            "forgekit": __version__})
     return files

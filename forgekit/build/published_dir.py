@@ -22,9 +22,9 @@ def manifest_of(directory: Path) -> dict:
 def recorded_recipe(directory: Path) -> str:
     """The recipe a build recorded: its file when it still exists, else its name (looked up as usual)."""
     manifest = manifest_of(directory)
-    recipe_file = manifest.get("recipe_file")
-    if recipe_file and Path(recipe_file).is_file():
-        return recipe_file
+    recipe_file = manifest.get("recipe_file")              # relative to the output dir
+    if isinstance(recipe_file, str) and recipe_file and (Path(directory) / recipe_file).is_file():
+        return str((Path(directory) / recipe_file).resolve())
     if manifest.get("recipe"):
         return manifest["recipe"]
     raise ForgeError(f"{directory}: its manifest records no recipe; pass --recipe")
