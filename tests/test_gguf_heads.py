@@ -16,7 +16,7 @@ import pytest
 
 from conftest import FIXTURE, ROOT, run_doit, write_recipe
 
-sys.path.insert(0, str(FIXTURE.parent))
+sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 import make_kquant_heads as kq  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -15,7 +15,7 @@ from conftest import DEMO_RECIPE, FIXTURE, HEAD_GGUF, ROOT
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
 from make_tiny_variants import text_only  # noqa: E402
 
-TIED = FIXTURE.parent / "tiny_tied"
+TIED = ROOT / "tests" / "fixtures" / "tiny_tied"
 # The probes' prompts and thresholds are the tiny language's (tiny-demo's verify list), not the base's.
 TINY_VERIFY = yaml.safe_dump({"verify": yaml.safe_load(DEMO_RECIPE.read_text())["verify"]})
 
