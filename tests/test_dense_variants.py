@@ -200,22 +200,17 @@ def test_new_on_a_tied_body_with_its_own_head(tmp_path, capsys, monkeypatch):
     assert "detected head: the body's own mtp.* keys: mtp.* (15 tensors), stored bfloat16" in out
 
 
-def test_new_names_a_contradicting_config_and_a_missing_moe_base(tmp_path, capsys, monkeypatch):
+def test_new_names_a_contradicting_config_and_picks_the_moe_base(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FORGEKIT_CACHE", str(tmp_path / "cache"))
     from forgekit.new_detect import BASES, detect
-    from forgekit.recipe import PACKAGED_RECIPES
 
     facts = detect(str(tied_copy(tmp_path / "tied", tie_word_embeddings=False)), "body").facts
     assert any("tied (no lm_head.weight" in f and "config.json says tie_word_embeddings: false" in f for f in facts)
     moe_body = TIED.parent / "tiny_moe" / "body"
     code, out, err = new(capsys, tmp_path, "--body", moe_body, "--mtp", TIED.parent / "tiny_moe" / "head.gguf")
-    moe_base = BASES["qwen3_5_moe"][0]
-    if (PACKAGED_RECIPES / f"{moe_base}.yaml").exists():
-        assert f"-> base {moe_base}" in out
-    else:
-        assert code == 2 and out == ""
-        assert err == (f"forgekit: --body {moe_body}: a MoE Qwen3.5 (model_type qwen3_5_moe) needs the base "
-                       f"recipe '{moe_base}', which is not installed here; pass --base\n")
+    assert BASES["qwen3_5_moe"][0] == "qwen3.5-moe-mtp"
+    assert code == 0, err
+    assert "-> base qwen3.5-moe-mtp" in out
 
 
 # ------------------------------------------------------------ validate: head shapes, tokenizer, prompt ids
