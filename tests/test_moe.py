@@ -206,7 +206,9 @@ def _run_structural(directory: Path, recipe: Path) -> dict:
     from forgekit.recipe import load_recipe
     from forgekit.verify import structural
 
-    return structural.run(directory, make_plan(load_recipe(recipe)), {"head_dtype": "BF16"})
+    from forgekit.verify_params import StructuralParams
+
+    return structural.run(directory, make_plan(load_recipe(recipe)), StructuralParams(head_dtype="BF16"))
 
 
 def test_router_at_4_bits_where_the_recipe_says_8_fails_by_name(moe_builds, tmp_path):
@@ -233,13 +235,15 @@ def test_router_at_4_bits_where_the_recipe_says_8_fails_by_name(moe_builds, tmp_
 
 
 def test_quantized_moe_head_is_refused(tmp_path):
-    """A recipe that forgets the head's bf16 rule quantizes the head: the build fails naming it."""
+    """A recipe that forgets the head's bf16 rule quantizes the head (router 8-bit, the rest at the
+    4-bit default): refused while planning, in one line naming the head, before any task runs."""
     recipe = moe_recipe(tmp_path, "qhead", HEADS["fused"], STRUCTURAL_ONLY + (
         "quantization:\n  rules:\n    - {name: router-8bit, match: '.*(?:mlp\\.gate|shared_expert_gate)', "
         "bits: 8, group_size: 64}\n"))
     proc = run_doit(recipe, tmp_path)
-    assert proc.returncode != 0
-    assert "the head is quantized" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the MTP head mixes 4-bit g64 affine, 8-bit g64 affine" in lines[0], proc.stderr
     assert not (tmp_path / "qhead").exists()
 
 
