@@ -190,10 +190,10 @@ def test_the_report_says_where_it_ran_and_that_a_head_was_dequantized(tmp_path):
     q8 = quantized_head_gguf(tmp_path / "src" / "head-Q8_0.gguf")
     plan = make_plan(load_recipe(demo_recipe(tmp_path, extra=f"sources:\n  mtp: {{path: {q8}}}\n")))
     where = verified_where(plan)
-    assert where["head"] == "dequantized from Q8_0" and where["head_dequantized_from"] == ["Q8_0"]
+    assert where["head"] == "dequantized from Q8_0" and where["head_from_quantized_types"] == ["Q8_0"]
     assert where["mlx"] == mx.__version__ and where["device"] == str(mx.default_device())
     runtime = runtime_json(plan, {}, {"results": [], "verified_on": where, "warnings": ["norms: x"]})
     assert runtime["verified_on"]["head"] == "dequantized from Q8_0" and runtime["verified_on"]["warnings"] == ["norms: x"]
     (tmp_path / "plain").mkdir()
     plain = verified_where(make_plan(load_recipe(demo_recipe(tmp_path / "plain"))))
-    assert plain["head"] == "as stored in its source" and plain["head_dequantized_from"] == []
+    assert plain["head"] == "as stored in its source" and plain["head_from_quantized_types"] == []

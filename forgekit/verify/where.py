@@ -30,4 +30,4 @@ def verified_where(plan) -> dict:
     """The block both reports carry: device facts + `head`: 'dequantized from Q8_0' or as stored."""
     types = head_dequantized_from(plan)
     head = f"dequantized from {', '.join(types)}" if types else "as stored in its source"
-    return {**device_facts(), "head": head, "head_dequantized_from": types}
+    return {**device_facts(), "head": head, "head_from_quantized_types": types}
