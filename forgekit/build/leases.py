@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .. import settings
-from ..fileio import atomic_write_json, pid_alive
+from ..fileio import DISK_ERRORS, atomic_write_json, disk_error, pid_alive
 from .memo import CorruptStateFile
 from .store import KEY_RE, _real_dir_fd
 
@@ -43,9 +43,14 @@ def lease_objects(keys, root: Path | None = None) -> Path:
         atexit.register(_drop_leases, os.getpid())
     held = _LEASED.setdefault(directory, set())
     held |= keys
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{os.getpid()}.json"
-    atomic_write_json(path, {"pid": os.getpid(), "keys": sorted(held), "created": time.time()})
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"pid": os.getpid(), "keys": sorted(held), "created": time.time()})
+    except OSError as exc:                 # a full disk is one line, like every other write
+        if exc.errno in DISK_ERRORS:
+            raise disk_error(exc, str(path)) from None
+        raise
     return path
 
 
