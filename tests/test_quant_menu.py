@@ -103,5 +103,5 @@ def test_combination_mlx_refuses_is_a_validate_error_naming_the_rule(tmp_path, q
 
 def test_a_child_anywhere_extends_a_shipped_snippet_by_relative_path(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, f"extends: quant/mxfp4.yaml\nname: snippet-child\n{SOURCES}"))
-    assert recipe.recipe_files[-2] == str(QUANT / "mxfp4.yaml")
+    assert recipe.recipe_files[-2] == str((QUANT / "mxfp4.yaml").resolve())
     assert recipe.quantization.default.mode == "mxfp4" and recipe.quantization.default.group_size == 32

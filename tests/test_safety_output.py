@@ -350,8 +350,9 @@ def test_forgekit_lock_never_overwrites_a_foreign_file_nor_follows_a_link(work, 
 def test_data_and_directories_are_fsynced_before_the_renames_that_publish_them(tmp_path, monkeypatch):
     """Which paths reach fsync, and in which order against the renames (real files, real syscalls;
     os.fsync and os.replace are only observed, then called)."""
-    from forgekit import cache as cache_mod
-    from forgekit import tasks
+    from forgekit.build import publish
+    from forgekit.build.memo import hash_file
+    from forgekit.build.store import ObjectStore
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -366,10 +367,10 @@ def test_data_and_directories_are_fsynced_before_the_renames_that_publish_them(t
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
-    store = cache_mod.ObjectStore(tmp_path / "cache")
+    store = ObjectStore(tmp_path / "cache")
     tmp = store.temp_path("ab" * 16)
     tmp.write_bytes(b"shard bytes")
-    obj = store.commit("ab" * 16, tmp, cache_mod.hash_file(tmp))
+    obj = store.commit("ab" * 16, tmp, hash_file(tmp))
     assert events.index(("fsync", str(tmp))) < events.index(("rename", str(obj)))
     assert ("fsync", str(obj.parent)) in events[events.index(("rename", str(obj))):]
 
@@ -378,7 +379,7 @@ def test_data_and_directories_are_fsynced_before_the_renames_that_publish_them(t
     (staging / ".forgekit").mkdir(parents=True)
     (staging / "model.safetensors").write_bytes(b"data")
     (staging / ".forgekit" / "manifest.json").write_text("{}")
-    tasks._make_durable(staging)
+    publish._make_durable(staging)
     synced = [p for kind, p in events if kind == "fsync"]
     assert {str(staging / "model.safetensors"), str(staging / ".forgekit" / "manifest.json"),
             str(staging / ".forgekit"), str(staging)} <= set(synced)
