@@ -106,16 +106,8 @@ def check_sqlite(path: Path, remedy: str) -> None:
     """Raise CorruptStateFile unless the sqlite file at `path` is absent or passes `PRAGMA quick_check`."""
     if not Path(path).exists():
         return
-    try:
-        db = sqlite3.connect(path, timeout=60)
-        try:
-            rows = db.execute("PRAGMA quick_check").fetchall()
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as exc:
-        if corrupt_sqlite(exc):
-            raise CorruptStateFile(path, str(exc), remedy) from None
-        raise
+    with _sqlite(path, "SELECT 1", remedy) as db:   # the same corrupt-file handling as every use
+        rows = db.execute("PRAGMA quick_check").fetchall()
     if rows != [("ok",)]:
         raise CorruptStateFile(path, str(rows[0][0]) if rows else "quick_check failed", remedy)
 
