@@ -29,6 +29,7 @@ from ..plan.head import dequantized_note
 from ..plan.combine import flat_rows
 from ..plan.quant import ROW_CHUNK_BYTES, row_chunks
 from ..sources import TensorSource
+from . import profile
 from .compute import VIA_SOURCE, Job, Piece, RawRef, Workspace, run_piece
 from .pool import WorkerPool
 from .memo import hash_file
@@ -220,7 +221,8 @@ def hash_while_flushing(path: Path) -> str:
     try:
         return hash_file(path)
     finally:
-        flusher.join()
+        with profile.phase("wait for fsync of the shard"):
+            flusher.join()
 
 
 def shard_source_bytes(entries: list[TensorPlan], sources: dict[str, TensorSource]) -> int:
