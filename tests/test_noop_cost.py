@@ -70,3 +70,53 @@ def test_build_process_start_up_does_not_import_the_model_libraries():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def imported(proc) -> set[str]:
+    """Top-level packages a doit run imported (from PYTHONPROFILEIMPORTTIME's stderr lines)."""
+    names = (line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+             if line.startswith("import time:"))
+    return {n.split(".")[0] for n in names}
+
+
+def test_a_noop_build_imports_no_model_library(cold):
+    """Planning checks every tensor's shape against mlx-lm's model class; the answer is memoised
+    under the cache (forgekit/plan/shapes.py), so a no-op never pays mlx-lm's import (and
+    transformers behind it: most of a no-op's time)."""
+    work, recipe, _, _ = cold
+    proc = build(recipe, work, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert ran_tasks(proc) == [], proc.stdout
+    seen = imported(proc)
+    assert "doit" in seen and "forgekit" in seen           # the import log is read at all
+    assert not seen & {"mlx_lm", "transformers"}, sorted(seen & {"mlx_lm", "transformers"})
+
+
+def test_without_the_shapes_memo_a_noop_asks_mlx_lm_and_writes_it_back(cold):
+    """Mis-case for the test above: with the memo gone, planning imports mlx-lm again, still runs
+    no task, and the memo is back for the next run."""
+    from forgekit.plan.shapes import SHAPES_MEMO
+
+    work, recipe, _, _ = cold
+    memo = work / "cache" / SHAPES_MEMO
+    assert memo.is_file()
+    memo.unlink()
+    proc = build(recipe, work, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert ran_tasks(proc) == [], proc.stdout
+    assert "mlx_lm" in imported(proc)
+    assert memo.is_file()
+
+
+def test_a_damaged_shapes_memo_is_asked_again_not_trusted(cold):
+    """A memo entry that is not a table of integer shapes is ignored and replaced."""
+    import json
+
+    from forgekit.plan.shapes import SHAPES_MEMO
+
+    work, recipe, _, _ = cold
+    memo = work / "cache" / SHAPES_MEMO
+    key = next(iter(json.loads(memo.read_text())))
+    memo.write_text(json.dumps({key: {"trunk": {"model.embed_tokens.weight": ["x"]}, "head": {}}}))
+    proc = build(recipe, work, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert ran_tasks(proc) == [] and "mlx_lm" in imported(proc)
+    entry = json.loads(memo.read_text())[key]
+    assert all(isinstance(d, int) for shape in entry["trunk"].values() for d in shape)

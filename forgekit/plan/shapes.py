@@ -1,16 +1,25 @@
 """Planned tensors against the model the output config describes, before any byte is read:
 every parameter mlx-lm's model class needs is produced with its shape (a body missing its final
 norm is caught here, not by `load` after the build), and every `mtp.*` head tensor has the shape
-the body's config gives the head (a head from a model of another width is caught at validate)."""
+the body's config gives the head (a head from a model of another width is caught at validate).
+
+Asking mlx-lm means importing it (and transformers behind it): about 0.6 s, most of a no-op
+build. The answer depends only on the config and the code that builds the model, so it is
+memoised under the cache (SHAPES_MEMO), keyed by the config, mlx-lm's version and the bytes of
+forgekit's head module; a no-op build then imports no model library."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from .. import settings
 from ..errors import PlanError
 from .tensor import TensorPlan
 
 HEAD_PREFIX = "mtp."
+SHAPES_MEMO = "model-shapes.json"   # under the cache: memo key -> {"trunk": {...}, "head": {...}}
+SHAPES_MEMO_ENTRIES = 32            # configs remembered (one per model a cache builds)
 
 
 def _shapes(module) -> dict[str, tuple[int, ...]]:
@@ -37,11 +46,65 @@ def head_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     return _shapes(MTPHeadModel(text_args(config)))
 
 
+def _memo_key(config: dict, with_head: bool) -> str:
+    from importlib.metadata import version
+
+    import xxhash
+
+    head_code = (Path(__file__).resolve().parent.parent / "mtp_head.py").read_bytes()
+    what = {"config": config, "head": with_head, "mlx_lm": version("mlx-lm"),
+            "head_code": xxhash.xxh3_128_hexdigest(head_code)}
+    return xxhash.xxh3_128_hexdigest(json.dumps(what, sort_keys=True, default=str).encode())
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _as_shapes(table) -> dict[str, tuple[int, ...]] | None:
+    """A memo entry's {name: [dims]} as shapes; None if it is not that (a damaged memo)."""
+    if not isinstance(table, dict):
+        return None
+    if not all(isinstance(v, list) and all(type(d) is int for d in v) for v in table.values()):
+        return None
+    return {str(k): tuple(v) for k, v in table.items()}
+
+
+def expected_shapes(config: dict, config_file: Path | str, with_head: bool):
+    """(trunk, head) parameter name -> shape for `config` (head empty unless `with_head`),
+    from the cache's memo when it holds this config (it is never created for this: a cache
+    that does not exist yet stays absent; a damaged memo is recomputed)."""
+    path = settings.cache_root() / SHAPES_MEMO
+    key = _memo_key(config, with_head)
+    memo = _read_memo(path)
+    hit = memo.get(key) if isinstance(memo.get(key), dict) else {}
+    trunk, head = _as_shapes(hit.get("trunk")), _as_shapes(hit.get("head"))
+    if trunk is not None and head is not None:
+        return trunk, head
+    trunk = trunk_shapes(config, config_file)
+    head = head_shapes(config) if with_head else {}
+    if path.parent.is_dir():
+        from ..fileio import atomic_write_json
+
+        kept = {k: v for k, v in list(memo.items())[-(SHAPES_MEMO_ENTRIES - 1):] if k != key}
+        try:
+            atomic_write_json(path, {**kept, key: {"trunk": trunk, "head": head}})
+        except OSError:
+            pass   # a read-only cache only costs asking mlx-lm again
+    return trunk, head
+
+
 def check_shapes(tensors: list[TensorPlan], config: dict, config_file: Path | str) -> None:
     """Raise PlanError, one line, on the first missing trunk parameter or wrong shape."""
     planned = {t.key: t for t in tensors}
     produced = {name for t in tensors for name, _, _ in t.outputs()}
-    for name, shape in trunk_shapes(config, config_file).items():
+    with_head = any(t.key.startswith(HEAD_PREFIX) for t in tensors)
+    trunk, head = expected_shapes(config, config_file, with_head)
+    for name, shape in trunk.items():
         if name not in produced:
             raise PlanError(f"{config_file}: the body gives no tensor for '{name}', which mlx-lm's "
                             f"{config.get('model_type')} model needs; the source is incomplete")
@@ -49,9 +112,7 @@ def check_shapes(tensors: list[TensorPlan], config: dict, config_file: Path | st
         if t is not None and tuple(t.shape) != shape:
             raise PlanError(f"{t.source_file}: tensor '{t.source_key}' -> '{name}' has shape {list(t.shape)}, "
                             f"the output config says {list(shape)}")
-    if not any(t.key.startswith(HEAD_PREFIX) for t in tensors):
-        return
-    for name, shape in head_shapes(config).items():
+    for name, shape in head.items():
         t = planned.get(name)
         if t is not None and tuple(t.shape) != shape:
             raise PlanError(f"{t.source_file}: head tensor '{t.source_key}' -> '{name}' has shape "
