@@ -1,8 +1,8 @@
 """Qwen3.5 MoE builds (issue 12) on the trained tiny MoE fixture (tests/fixtures/tiny_moe/), by
 real doit runs: the body bit-identical to `mlx_lm.convert -q --q-bits 4 --q-group-size 64`
-(8-bit router), the head in MTPLX's 20-key switch_mlp layout from each of the three head layouts
-(GGUF, fused HF, numbered HF) byte-identical, MTPLX's gate and runtime on it, and mis-builds
-failing by name."""
+(8-bit router), the head in MTPLX's 20-key switch_mlp layout from each of the head layouts (GGUF
+with separate or fused gate/up experts, fused HF, numbered HF) byte-identical, MTPLX's gate and
+runtime on it, and mis-builds failing by name."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ MOE = ROOT / "tests" / "fixtures" / "tiny_moe"
 MOE_RECIPE = ROOT / "recipes" / "tiny-moe.yaml"
 BASE = ROOT / "recipes" / "qwen3.5-moe-mtp.yaml"
 HEADS = {"gguf": f"{{path: {MOE / 'head.gguf'}}}",
+         "gguf_fused": f"{{path: {MOE / 'head_gate_up.gguf'}}}",    # llama.cpp's ffn_gate_up_exps
          "fused": f"{{path: {MOE / 'head_fused.safetensors'}, table: mtp_hf}}",
          "numbered": f"{{path: {MOE / 'head_numbered.safetensors'}, table: mtp_hf}}"}
 STRUCTURAL_ONLY = "verify:\n  - step: structural\n    params: {head_dtype: BF16}\n  - step: values\n"
@@ -44,15 +45,16 @@ def tensors(path: Path) -> dict[str, mx.array]:
 
 @pytest.fixture(scope="module")
 def moe_builds(tmp_path_factory) -> dict[str, Path]:
-    """The shipped tiny-moe recipe (GGUF head, every verify step) and the fused / numbered HF
-    heads (structural only), each built by a real doit run sharing one cache."""
+    """The shipped tiny-moe recipe (GGUF head, every verify step), the fused-experts GGUF head and
+    the fused / numbered HF heads (structural + values), each built by a real doit run sharing one
+    cache."""
     work = tmp_path_factory.mktemp("moe")
     out = {}
     recipe = write_recipe(work, f"extends: {MOE_RECIPE}\nname: tm-gguf\noutput: {{dir: {work / 'gguf'}}}\n", "gguf.yaml")
     proc = run_doit(recipe, work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out["gguf"] = work / "gguf"
-    for layout in ("fused", "numbered"):
+    for layout in ("gguf_fused", "fused", "numbered"):
         proc = run_doit(moe_recipe(work, layout, HEADS[layout]), work)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out[layout] = work / layout
@@ -77,7 +79,7 @@ def test_body_is_bit_identical_to_mlx_lm_convert(moe_builds, converted):
         assert mx.array_equal(ours[k], v).item(), k
     assert ours["language_model.model.layers.0.mlp.gate.weight"].shape == (8, 16)           # 8-bit router
     assert ours["language_model.model.layers.0.mlp.switch_mlp.gate_proj.weight"].shape == (8, 64, 8)  # 4-bit
-    for layout in ("fused", "numbered"):
+    for layout in ("gguf_fused", "fused", "numbered"):
         for f in ("model.safetensors",):
             assert (moe_builds[layout] / f).read_bytes() == (moe_builds["gguf"] / f).read_bytes()
 
@@ -121,9 +123,23 @@ def test_head_is_the_20_switch_mlp_keys_bf16_equal_to_the_source(moe_builds):
             assert np.array_equal(np.array(v.astype(mx.float32)), want[k]), (layout, k)
 
 
-def test_three_head_layouts_give_byte_identical_heads(moe_builds):
+def test_every_head_layout_gives_a_byte_identical_head(moe_builds):
     heads = {layout: (out / "mtp.safetensors").read_bytes() for layout, out in moe_builds.items()}
-    assert heads["gguf"] == heads["fused"] == heads["numbered"]
+    assert set(heads) == {"gguf", "gguf_fused", "fused", "numbered"}
+    assert all(h == heads["gguf"] for h in heads.values())
+
+
+def test_fused_gguf_experts_are_the_hf_fused_tensor_bit_for_bit():
+    """llama.cpp's ffn_gate_up_exps (ne {H, 2I, E}, gate rows first) reads back through gguf-py as
+    [E, 2I, H], the very layout and bytes of the checkpoint's own experts.gate_up_proj."""
+    import gguf
+
+    tensors = {t.name: t for t in gguf.GGUFReader(str(MOE / "head_gate_up.gguf")).tensors}
+    fused = tensors["blk.4.ffn_gate_up_exps.weight"]
+    assert [int(n) for n in fused.shape] == [64, 128, 8]
+    assert "blk.4.ffn_gate_exps.weight" not in tensors and "blk.4.ffn_up_exps.weight" not in tensors
+    hf = mx.load(str(MOE / "head_fused.safetensors"))["mtp.layers.0.mlp.experts.gate_up_proj"]
+    assert np.array_equal(np.array(fused.data).view(np.uint16), np.array(hf.view(mx.uint16)))
 
 
 def test_mtplx_inspection_gate_passes(moe_builds):
@@ -184,6 +200,7 @@ def _swapped(table: str) -> str:
 
 @pytest.mark.parametrize("table,head,tensor", [
     ("mtp_hf", "fused", "mtp.layers.0.mlp.switch_mlp.gate_proj.weight"),
+    ("mtp", "gguf_fused", "mtp.layers.0.mlp.switch_mlp.gate_proj.weight"),
     ("body", "gguf", "language_model.model.layers.0.mlp.switch_mlp.gate_proj.weight"),
 ])
 def test_gate_up_halves_swapped_fail_by_name_and_nothing_is_published(tmp_path, table, head, tensor):

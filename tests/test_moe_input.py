@@ -1,6 +1,7 @@
 """Bad MoE input is one line naming the file and tensor, exit 2, nothing published: numbered
 experts with a gap, a duplicate or one too many, a dense GGUF head under the MoE base (and the
-reverse), an expert count that disagrees with the body's config, a fused tensor of odd size."""
+reverse), an expert count that disagrees with the body's config, a fused tensor of odd size (HF
+`experts.gate_up_proj` or llama.cpp's GGUF `ffn_gate_up_exps`)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,18 @@ def test_fused_tensor_of_odd_size_is_named(tmp_path):
         head["mtp.layers.0.mlp.experts.gate_up_proj"] = head["mtp.layers.0.mlp.experts.gate_up_proj"][:, :127]
     recipe = moe_recipe(tmp_path, "odd", _head(tmp_path, odd, "head_fused.safetensors"))
     _refused(tmp_path, recipe, "'mtp.layers.0.mlp.experts.gate_up_proj'", "odd size 127", "head.safetensors")
+
+
+def test_fused_gguf_tensor_of_odd_size_is_named(tmp_path):
+    """llama.cpp's fused ffn_gate_up_exps [E, 2I, H] with an odd axis -2 cannot be halved."""
+    import variants  # noqa: F401  (puts tests/fixtures on sys.path)
+    from make_tiny_variants import read_gguf, write_gguf
+
+    fields, tensors = read_gguf(MOE / "head_gate_up.gguf")
+    odd = [(n, type(t)(t.dtype, t.data[:, :127]) if ".ffn_gate_up_exps." in n else t) for n, t in tensors]
+    write_gguf(tmp_path / "odd.gguf", fields, odd)
+    recipe = moe_recipe(tmp_path, "odd", f"{{path: {tmp_path / 'odd.gguf'}}}")
+    _refused(tmp_path, recipe, "odd.gguf", "'blk.4.ffn_gate_up_exps.weight'", "odd size 127", "mtp-experts-gate-up")
 
 
 def test_expert_count_that_disagrees_with_the_config_is_named(tmp_path):

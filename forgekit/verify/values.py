@@ -7,7 +7,9 @@ draft well), so the values are compared here:
   transforms, the cast; split parts by numpy slicing along the rule's axis, stacked tensors by
   numpy stacking in the order of the index read from each source name;
 - a fused HF `experts.gate_up_proj` is read the way mlx-lm's own `qwen3_5_moe` sanitize reads it
-  (gate = first half), so a recipe that swaps the halves fails by name;
+  (gate = first half), and a fused GGUF `ffn_gate_up_exps` the way llama.cpp reads it (gate = the
+  first half of numpy axis -2), both whatever order the recipe's split names, so a recipe that swaps
+  the halves fails by name;
 - every split or stacked trunk tensor: the same, quantized with the tensor's own parameters
   (deterministic, so equal bytes), on a sample of experts (all when there are at most 16).
 The step fails on the first difference, named in one line.
@@ -26,6 +28,7 @@ from ..plan.transforms import TRANSFORMS
 from ..dtypes import BY_NAME
 
 FUSED_GATE_UP = "experts.gate_up_proj"   # HF's fused expert layout, as mlx-lm's sanitize reads it
+GGUF_GATE_UP = "ffn_gate_up_exps.weight"  # llama.cpp's fused expert tensor (--fuse-gate-up-exps)
 
 
 def mlx_lm_gate_up(fused: mx.array) -> dict[str, mx.array]:
@@ -41,13 +44,30 @@ def mlx_lm_gate_up(fused: mx.array) -> dict[str, mx.array]:
     return {p: out[f"{prefix}.switch_mlp.{p}.weight"] for p in ("gate_proj", "up_proj")}
 
 
+def llama_cpp_gate_up(fused: mx.array) -> dict[str, mx.array]:
+    """{'gate_proj', 'up_proj'} of a GGUF `ffn_gate_up_exps` as llama.cpp reads it: ggml `ne`
+    {H, 2I, E} (gguf-py's reader gives [E, 2I, H]); its MoE graph multiplies once and takes output
+    rows 0..I-1 as the gate and I..2I-1 as up, i.e. the first and second half of numpy axis -2."""
+    half = fused.shape[-2] // 2
+    return {"gate_proj": fused[..., :half, :], "up_proj": fused[..., half:, :]}
+
+
+def reference_gate_up(source_key: str, fused: mx.array) -> dict[str, mx.array] | None:
+    """The gate/up halves of a known fused expert layout, by its own reader; None if not one."""
+    if source_key.endswith(FUSED_GATE_UP):
+        return mlx_lm_gate_up(fused)
+    if source_key.endswith(GGUF_GATE_UP):
+        return llama_cpp_gate_up(fused)
+    return None
+
+
 def sample(n: int) -> list[int]:
     return list(range(n)) if n <= 16 else sorted({0, n // 2, n - 1})
 
 
-def _stack_order(t, rule) -> list[str]:
+def _stack_order(t, source, rule) -> list[str]:
     """The stacked sources ordered by the index in their names (not by the plan's segment order)."""
-    table = Table((rule,))
+    table = Table((rule,), source.placeholders())
     names = {s.source_key for s in t.segments}
     return sorted(names, key=lambda k: int(table.first_match(k)[1].group(rule.stack.index)))
 
@@ -55,17 +75,18 @@ def _stack_order(t, rule) -> list[str]:
 def expected(t, source, rule, lead: list[int] | None) -> mx.array:
     """The output's value (float, before quantization) at leading indices `lead` (None: whole)."""
     if rule is not None and rule.stack:
-        keys = _stack_order(t, rule)
+        keys = _stack_order(t, source, rule)
         return mx.stack([source.read(keys[i]) for i in (lead if lead is not None else range(len(keys)))])
     rows = None if lead is None or (rule is not None and rule.split and rule.split.axis % len(t.shape) == 0) else lead
     a = source.read(t.source_key) if rows is None else \
         mx.concatenate([source.read(t.source_key, slice(i, i + 1)) for i in rows])   # only the sampled experts
     if rule is not None and rule.split:
-        if t.source_key.endswith(FUSED_GATE_UP) and len(rule.split.to) == 2:
-            part = next((p for p in ("gate_proj", "up_proj") if t.key.endswith(f"{p}.weight")), None)
-            if part is not None:
-                return mlx_lm_gate_up(a)[part]
-        j = [Table((rule,)).first_match(t.source_key)[1].expand(to) for to in rule.split.to].index(t.key)
+        part = next((p for p in ("gate_proj", "up_proj") if t.key.endswith(f"{p}.weight")), None)
+        halves = reference_gate_up(t.source_key, a) if part and len(rule.split.to) == 2 else None
+        if halves is not None:
+            return halves[part]
+        match = Table((rule,), source.placeholders()).first_match(t.source_key)[1]
+        j = [match.expand(to) for to in rule.split.to].index(t.key)
         a = mx.split(a, len(rule.split.to), axis=rule.split.axis)[j]
         if lead is not None and rows is None:
             a = a[mx.array(lead)]
