@@ -21,19 +21,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .dequant import Rows
+
 MIN_ROWS = 8            # fewer tokens than this: mlx's own kernel (a decode step)
-ROW_CHUNK = 16384       # output rows dequantized at a time (the 248320-row lm_head: 256 MiB a chunk)
-
-
-def _dense_rows(layer: nn.Module, start: int, stop: int) -> np.ndarray:
-    """float32 rows [start, stop) of a (quantized or dense) linear layer's weight."""
-    if isinstance(layer, nn.QuantizedLinear):
-        w = mx.dequantize(layer.weight[start:stop], layer.scales[start:stop],
-                          None if layer.biases is None else layer.biases[start:stop],
-                          group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
-    else:
-        w = layer.weight[start:stop]
-    return np.asarray(w.astype(mx.float32))
+ROW_CHUNK = 1024        # output rows dequantized at a time (16 MiB at 4096 inputs: stays in cache)
 
 
 class NumpyLinear(nn.Module):
@@ -48,24 +39,32 @@ class NumpyLinear(nn.Module):
         if rows < MIN_ROWS or mx.default_device() != mx.cpu:
             return self.inner(x)
         xs = np.asarray(x.astype(mx.float32)).reshape(rows, x.shape[-1])
-        out_rows = self.inner.weight.shape[0]
+        weight = Rows(self.inner)
+        out_rows = weight.shape[0]
         y = np.empty((rows, out_rows), np.float32)
+        buffer = np.empty((min(ROW_CHUNK, out_rows), weight.shape[1]), np.float32)
         for start in range(0, out_rows, ROW_CHUNK):
             stop = min(start + ROW_CHUNK, out_rows)
-            np.matmul(xs, _dense_rows(self.inner, start, stop).T, out=y[:, start:stop])
+            chunk = buffer[:stop - start]
+            weight.fill(start, stop, chunk)
+            np.matmul(xs, chunk.T, out=y[:, start:stop])
         out = mx.array(y.reshape(*x.shape[:-1], out_rows))
         if "bias" in self.inner:
             out = out + self.inner.bias.astype(mx.float32)
         return out.astype(x.dtype)
 
 
-def _linear_slots(module: nn.Module, prefix: str = ""):
-    """(parent, key, layer) for every linear layer in the tree (lists of modules included)."""
+def _linear_slots(module: nn.Module):
+    """(parent, key, layer) for every linear layer in the tree (lists of modules included).
+
+    A list's parent is the list the module itself holds (`children()` returns copies of lists).
+    """
     for key, child in module.children().items():
-        items = enumerate(child) if isinstance(child, list) else [(None, child)]
+        stored = module[key]
+        items = enumerate(stored) if isinstance(stored, list) else [(None, child)]
         for index, item in items:
             if isinstance(item, (nn.Linear, nn.QuantizedLinear)):
-                yield (child if index is not None else module), (index if index is not None else key), item
+                yield (stored if index is not None else module), (index if index is not None else key), item
             elif isinstance(item, nn.Module):
                 yield from _linear_slots(item)
 
