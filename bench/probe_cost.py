@@ -223,9 +223,9 @@ def new_default_costs(layers: int, batch: int, length: int, depth: int) -> dict:
         model = _model(layers, quantized)
         (hidden, _), out[f"{name}_forward_s"], out[f"{name}_forward_cpu_s"] = _cpu(
             lambda: trunk_pass.forward(model, tokens))
-        with numpy_linears(model):
-            _, out[f"{name}_lm_head_s"], out[f"{name}_lm_head_cpu_s"] = _cpu(
-                lambda: mx.eval(load.trunk(model)[2](hidden)))
+        with numpy_linears(model):        # the vocabulary product alone: best of 2 (conservative split)
+            runs = [_cpu(lambda: mx.eval(load.trunk(model)[2](hidden)))[1:] for _ in range(2)]
+            out[f"{name}_lm_head_s"], out[f"{name}_lm_head_cpu_s"] = (min(r) for r in zip(*runs))
         if quantized:
             head = MTPHead(TextModelArgs.from_dict(text_config(4)))
             randomize(head)
