@@ -3,10 +3,11 @@
 On a CPU without Metal, mlx's matmul (dense or 4-bit quantized) runs far below the machine's
 BLAS (measured on the project's 2-core box: mlx float32 0.5 GFLOP/s, 4-bit float32 0.6, numpy
 float32 5.1 on the same load; bench/probe_cost.py). For a forward over many tokens (a prefill,
-the head's sequence-parallel drafts) each linear layer's weight is therefore dequantized (4-bit:
-scale * q + bias, exactly the values mlx's own kernel uses) or widened (bf16) to float32 once,
-for that layer only, and multiplied by numpy; a one-token decode step keeps mlx's kernel (there
-the dequantization would cost more than it saves). Only the summation order differs from mlx.
+the head's sequence-parallel drafts) each linear layer's weight is therefore turned into float32
+rows ROW_CHUNK at a time (dequant.py: affine dequantization in numpy, bit-identical to
+`mx.dequantize`, or bf16 widened exactly) and multiplied by numpy; no layer is ever held in
+float32 whole. A one-token decode step keeps mlx's kernel. Only the summation order differs
+from mlx.
 
 `numpy_linears(model)` swaps every nn.Linear / nn.QuantizedLinear of a module tree for the
 duration of a `with` block and puts the originals back afterwards. Used only where

@@ -16,13 +16,14 @@ Only mlx's "affine" mode is done here; any other mode (mxfp4 and the like) falls
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-THREADS = 2                   # the project's CPU machines; numpy releases the GIL in these ufuncs
+THREADS = max(1, min(os.cpu_count() or 1, 8))   # numpy releases the GIL in these ufuncs
 _POOL = ThreadPoolExecutor(THREADS, thread_name_prefix="forgekit-dequant")
 
 
