@@ -10,7 +10,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from forgekit.verify.cpu_linear import MIN_ROWS, ROW_CHUNK, NumpyLinear, numpy_linears
+from forgekit.verify.cpu_linear import MIN_ROWS, ROW_CHUNK, NumpyLinear, numpy_linears, tied_head
 from forgekit.verify.dequant import Rows
 
 OUT, IN = 40, 256
@@ -70,3 +70,16 @@ def test_numpy_linears_swaps_and_restores():
     with numpy_linears(model):
         assert all(isinstance(model.layers[i], NumpyLinear) for i in (0, 2))
     assert model.layers[0] is originals[0] and model.layers[2] is originals[1]
+
+
+def test_a_tied_vocabulary_product_runs_in_numpy_inside_the_block():
+    mx.random.seed(4)
+    embed = nn.QuantizedEmbedding.from_embedding(nn.Embedding(300, 64), group_size=64, bits=4)
+    embed.update({"scales": embed.scales.astype(mx.float32), "biases": embed.biases.astype(mx.float32)})
+    x = mx.random.normal((1, MIN_ROWS, 64))
+    assert not isinstance(tied_head(embed), NumpyLinear)        # outside a block: mlx's own as_linear
+    with numpy_linears(nn.Sequential()):
+        head = tied_head(embed)
+        assert isinstance(head, NumpyLinear)
+        np.testing.assert_allclose(np.asarray(head(x)), np.asarray(embed.as_linear(x)), rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(head(x[:, :1])), np.asarray(embed.as_linear(x[:, :1])))

@@ -28,6 +28,10 @@ MIN_ROWS = 8            # fewer tokens than this: mlx's own kernel (a decode ste
 ROW_CHUNK = 1024        # output rows dequantized at a time (16 MiB at 4096 inputs: stays in cache)
 
 
+EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)   # a tied model's vocabulary product: `as_linear`
+_active = [0]           # numpy_linears blocks open (tied_head reads it)
+
+
 class NumpyLinear(nn.Module):
     """A linear layer whose multi-token products run in numpy (float32); module docstring."""
 
@@ -38,7 +42,7 @@ class NumpyLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
         if rows < MIN_ROWS or mx.default_device() != mx.cpu:
-            return self.inner(x)
+            return self.inner.as_linear(x) if isinstance(self.inner, EMBEDDINGS) else self.inner(x)
         xs = np.asarray(x.astype(mx.float32)).reshape(rows, x.shape[-1])
         weight = Rows(self.inner)
         out_rows = weight.shape[0]
@@ -78,8 +82,15 @@ def numpy_linears(*modules: nn.Module):
         for parent, key, layer in list(_linear_slots(module)):
             parent[key] = NumpyLinear(layer)
             swapped.append((parent, key, layer))
+    _active[0] += 1
     try:
         yield
     finally:
+        _active[0] -= 1
         for parent, key, layer in swapped:
             parent[key] = layer
+
+
+def tied_head(embed: nn.Module):
+    """A tied model's lm_head: `embed.as_linear`, in numpy inside a numpy_linears block."""
+    return NumpyLinear(embed) if _active[0] else embed.as_linear

@@ -66,10 +66,11 @@ def _unpack(packed: np.ndarray, bits: int, out: np.ndarray) -> None:
 
 
 class Rows:
-    """Float32 rows of one linear weight, dense or affine-quantized, read from host memory once."""
+    """Float32 rows of one linear (or embedding) weight, dense or affine-quantized, read from host
+    memory once."""
 
     def __init__(self, layer: nn.Module):
-        self.quantized = isinstance(layer, nn.QuantizedLinear)
+        self.quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
         self.fallback = self.quantized and (getattr(layer, "mode", "affine") != "affine" or "biases" not in layer)
         self.layer = layer
         self.weight = host(layer.weight)
@@ -110,4 +111,4 @@ class Rows:
         return mx.dequantize(layer.weight[start:stop], layer.scales[start:stop],
                              None if layer.biases is None else layer.biases[start:stop],
                              group_size=layer.group_size, bits=layer.bits,
-                             mode=layer.mode).astype(mx.float32)
+                             mode=getattr(layer, "mode", "affine")).astype(mx.float32)

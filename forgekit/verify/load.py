@@ -20,6 +20,7 @@ import mlx.nn as nn
 from ..dtypes import BY_NAME
 from ..mtp_head import MTPHeadModel, text_args
 from ..verify_params import LoadParams
+from .cpu_linear import tied_head
 
 def _signature(directory: Path) -> tuple:
     """Identity of a model directory's current contents (path + stat of its files)."""
@@ -105,7 +106,7 @@ def trunk(model):
     """(decoder returning post-norm hidden, embedding module, lm_head callable) of an mlx-lm model."""
     text = getattr(model, "language_model", model)
     embed = text.model.embed_tokens
-    lm_head = embed.as_linear if text.args.tie_word_embeddings else text.lm_head
+    lm_head = tied_head(embed) if text.args.tie_word_embeddings else text.lm_head
     return text.model, embed, lm_head
 
 
