@@ -1,17 +1,21 @@
-"""Estimate the CPU cost of the verify probes (mtp, parity) for a Qwen3.5-9B build.
+"""Estimate the CPU cost of the default verify (load, parity, mtp) for a Qwen3.5-9B build.
 
-Default: the NEW default verify of recipes/qwen3.5-dense-mtp.yaml (parity and mtp share one
-batched prefill of 2 texts x 32 tokens, teacher-forced mtp, linear layers in numpy on the CPU;
-forgekit/verify/trunk_pass.py, cpu_linear.py), plus the `load` step's 4-token forward:
+Default: the default verify of recipes/qwen3.5-dense-mtp.yaml, timed through forgekit's own
+functions on a real mlx-lm Qwen3.5 text model at 9B width with a 4-layer stack and the full
+248320-token vocabulary (random weights), extrapolated to 32 layers:
 
-    built   one forward of the 4-bit body over B x T tokens (+ its lm_head)
-    source  one forward of the bf16 source body over the same tokens (+ its lm_head)
-    drafts  D x (MTP head layer + 4-bit lm_head) over B x (T-1) positions
-    load    4 tokens through the 4-bit body with mlx's kernel (+ 4 lm_head rows)
+    built   trunk_pass.forward of the 4-bit model (float32 floats) over B x T tokens: the prefill
+            parity and the teacher-forced mtp share (numpy linears, verify/cpu_linear.py)
+    source  trunk_pass.forward of the bf16 source over the same tokens (first build only; a
+            rebuild reads its log-probs from cache/verify/)
+    drafts  mtp.head_drafts: D draft depths of the MTP head + the 4-bit lm_head (not scaled)
+    load    load.runtime_forward: the load step's tokens through mlx's own kernels
 
-`--old` also measures the previous default (below), decoded token by token with mlx's kernels.
+Wall and CPU seconds are both recorded (`estimate_9b_wall_s`, `estimate_9b_cpu_s`); on a shared
+machine compare CPU seconds. Model loading from disk is not included.
 
-Measures, on this machine's CPU with mlx, a real-width synthetic Qwen3.5 layer stack
+`--old` also measures the previous default (below), decoded token by token with mlx's kernels:
+it measures, on this machine's CPU with mlx, a real-width synthetic Qwen3.5 layer stack
 (hidden 4096, intermediate 12288, 16/4 heads x 256, linear attention 16/32 heads x 128;
 3 gated-delta layers + 1 full-attention layer per 4) with random weights, the MTP head
 (fc + one full-attention layer) and the 248320 x 4096 lm_head, then extrapolates to
@@ -178,60 +182,79 @@ def estimate(q4: dict, bf16: dict, prompts: int, prompt: int, new: int, depth: i
             "mtp_s": mtp, "parity": {"sequences": parity_seqs, "length": parity_len, **parity}}
 
 
-def _stack(layers: int, variant: str, seed: int = 0):
+def _model(layers: int, quantized: bool, seed: int = 0):
+    """A real mlx-lm Qwen3.5 text model at 9B width and vocabulary with `layers` layers, random
+    weights: the built 4-bit model as the probes run it (mlx_lm.convert's 4-bit g64 of every
+    linear and the embedding, floats widened to float32 by forgekit's own cast), or the bf16 source."""
     from mlx_lm.models.qwen3_5 import TextModel, TextModelArgs
 
+    from forgekit.verify.load import cast_floats
+
     mx.random.seed(seed)
-    model = TextModel(TextModelArgs.from_dict(text_config(layers)))
+    model = TextModel(TextModelArgs.from_dict({**text_config(layers), "vocab_size": VOCAB}))
     randomize(model)
-    prepare(model, variant)
+    if quantized:
+        nn.quantize(model, group_size=64, bits=4)
+        cast_floats(model, mx.float32)
+    mx.eval(model.parameters())
     return model
 
 
-def new_default_costs(layers: int, batch: int, length: int) -> dict:
-    """Seconds (measured stack of `layers`) of the new default's passes; module docstring."""
-    from forgekit.mtp_head import MTPHead
-    from forgekit.verify.cpu_linear import numpy_linears
+def _cpu(fn):
+    """(result, wall s, CPU s of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def new_default_costs(layers: int, batch: int, length: int, depth: int) -> dict:
+    """Wall and CPU seconds of the default verify's passes through forgekit's own functions
+    (trunk_pass.forward, mtp.head_drafts, load.runtime_forward) on a `layers`-layer model;
+    the vocabulary products are timed apart so the estimate scales only the layers."""
     from mlx_lm.models.qwen3_5 import TextModelArgs
 
+    from forgekit.mtp_head import MTPHead
+    from forgekit.verify import load, mtp, trunk_pass
+    from forgekit.verify.cpu_linear import numpy_linears
+
     out = {}
-    x = mx.random.randint(0, 1024, (batch, length))
-    for variant, name in (("q4_f32", "built"), ("bf16", "source")):
-        model = _stack(layers, variant)
-        with numpy_linears(model):
-            out[f"{name}_stack_s"] = timed(lambda: model.model(x), warm=False)
-        if variant == "q4_f32":
-            out["load_stack_s"] = timed(lambda: model.model(x[:1, :4]))          # mlx kernel: < 8 rows
-        del model
+    tokens = mx.random.randint(0, VOCAB, (batch, length))
+    for quantized, name in ((True, "built"), (False, "source")):
+        model = _model(layers, quantized)
+        (hidden, _), out[f"{name}_forward_s"], out[f"{name}_forward_cpu_s"] = _cpu(
+            lambda: trunk_pass.forward(model, tokens))
+        with numpy_linears(model):        # the vocabulary product alone: best of 2 (conservative split)
+            runs = [_cpu(lambda: mx.eval(load.trunk(model)[2](hidden)))[1:] for _ in range(2)]
+            out[f"{name}_lm_head_s"], out[f"{name}_lm_head_cpu_s"] = (min(r) for r in zip(*runs))
+        if quantized:
+            head = MTPHead(TextModelArgs.from_dict(text_config(4)))
+            randomize(head)
+            load.cast_floats(head, mx.float32)          # the head stays unquantized (base recipe)
+            _, out["drafts_s"], out["drafts_cpu_s"] = _cpu(
+                lambda: mtp.head_drafts(model, head, tokens, hidden, depth))
+            ids = [(7 * i + 3) % VOCAB for i in range(load.DEFAULT_TOKENS)]
+            _, out["load_forward_s"], out["load_forward_cpu_s"] = _cpu(
+                lambda: load.runtime_forward(model, head, ids))
+            _, out["load_layers_s"], out["load_layers_cpu_s"] = _cpu(
+                lambda: mx.eval(load.trunk(model)[0](mx.array([ids]))))
+            del head
+        del model, hidden
         gc.collect()
-        head = nn.Linear(HIDDEN, VOCAB, bias=False)
-        head.weight = (mx.random.normal((VOCAB, HIDDEN)) * 0.02).astype(mx.bfloat16)
-        prepare(head, variant)
-        h = mx.random.normal((batch, length, HIDDEN)).astype(act_dtype(variant))
-        with numpy_linears(head):
-            out[f"{name}_lm_head_s"] = timed(lambda: head(h), warm=False)
-        if variant == "q4_f32":
-            out["load_lm_head_s"] = timed(lambda: head(h[:1, :4]))
-        del head
-        gc.collect()
-    mtp = MTPHead(TextModelArgs.from_dict(text_config(4)))
-    randomize(mtp)
-    prepare(mtp, "bf16_f32")
-    e, h = (mx.random.normal((batch, length - 1, HIDDEN)) for _ in range(2))
-    with numpy_linears(mtp):
-        out["head_layer_s"] = timed(lambda: mtp.norm(mtp(e, h)), warm=False)
     print(f"new default, measured: {json.dumps({k: round(v, 3) for k, v in out.items()})}", flush=True)
     return out
 
 
-def new_default_estimate(c: dict, layers: int, depth: int) -> dict:
+def new_default_estimate(c: dict, layers: int, unit: str = "s") -> dict:
+    """9B seconds (`unit` "s" wall, "cpu_s" CPU): layer time x 32/layers, vocabulary products once."""
     scale = LAYERS_9B / layers
-    parts = {"built_prefill_s": c["built_stack_s"] * scale + c["built_lm_head_s"],
-             "source_prefill_s": c["source_stack_s"] * scale + c["source_lm_head_s"],
-             "mtp_drafts_s": depth * (c["head_layer_s"] + c["built_lm_head_s"]),
-             "load_forward_s": c["load_stack_s"] * scale + c["load_lm_head_s"]}
-    parts["total_s"] = sum(parts.values())
-    return parts
+    g = lambda k: c[f"{k}_{unit}"]
+    parts = {"built_prefill": (g("built_forward") - g("built_lm_head")) * scale + g("built_lm_head"),
+             "source_prefill": (g("source_forward") - g("source_lm_head")) * scale + g("source_lm_head"),
+             "mtp_drafts": g("drafts"),
+             "load_forward": g("load_layers") * scale + g("load_forward") - g("load_layers")}
+    parts["total_first_build"] = sum(parts.values())
+    parts["total_rebuild"] = parts["total_first_build"] - parts["source_prefill"]
+    return {k: round(v, 1) for k, v in parts.items()}
 
 
 def main() -> None:
@@ -255,10 +278,11 @@ def main() -> None:
     mx.set_default_device(mx.cpu)
     with open("/proc/loadavg") as f:
         load_start = f.read().split()[:3]
-    new = new_default_costs(a.layers, a.texts, a.text_tokens)
+    new = new_default_costs(a.layers, a.texts, a.text_tokens, a.depth)
     result = {"loadavg_at_start": load_start,
               "new_default": {"texts": a.texts, "tokens": a.text_tokens, "depth": a.depth, "measured": new,
-                              "estimate_9b": new_default_estimate(new, a.layers, a.depth)}}
+                              "estimate_9b_wall_s": new_default_estimate(new, a.layers, "s"),
+                              "estimate_9b_cpu_s": new_default_estimate(new, a.layers, "cpu_s")}}
     if not a.old:
         _finish(result, a.json)
         return

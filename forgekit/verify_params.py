@@ -46,7 +46,7 @@ class NormsParams(Params):
 
 
 class LoadParams(Params):
-    tokens: Optional[tuple[int, ...]] = Field(None, min_length=1)
+    tokens: Optional[tuple[int, ...]] = Field(None, min_length=2)   # the head drafts from position 1
     compute_dtype: ComputeDtype = "float32"
 
 

@@ -3,10 +3,11 @@
 On a CPU without Metal, mlx's matmul (dense or 4-bit quantized) runs far below the machine's
 BLAS (measured on the project's 2-core box: mlx float32 0.5 GFLOP/s, 4-bit float32 0.6, numpy
 float32 5.1 on the same load; bench/probe_cost.py). For a forward over many tokens (a prefill,
-the head's sequence-parallel drafts) each linear layer's weight is therefore dequantized (4-bit:
-scale * q + bias, exactly the values mlx's own kernel uses) or widened (bf16) to float32 once,
-for that layer only, and multiplied by numpy; a one-token decode step keeps mlx's kernel (there
-the dequantization would cost more than it saves). Only the summation order differs from mlx.
+the head's sequence-parallel drafts) each linear layer's weight is therefore turned into float32
+rows ROW_CHUNK at a time (dequant.py: affine dequantization in numpy, bit-identical to
+`mx.dequantize`, or bf16 widened exactly) and multiplied by numpy; no layer is ever held in
+float32 whole. A one-token decode step keeps mlx's kernel. Only the summation order differs
+from mlx.
 
 `numpy_linears(model)` swaps every nn.Linear / nn.QuantizedLinear of a module tree for the
 duration of a `with` block and puts the originals back afterwards. Used only where
@@ -21,19 +22,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .dequant import Rows
+
 MIN_ROWS = 8            # fewer tokens than this: mlx's own kernel (a decode step)
-ROW_CHUNK = 16384       # output rows dequantized at a time (the 248320-row lm_head: 256 MiB a chunk)
+ROW_CHUNK = 1024        # output rows dequantized at a time (16 MiB at 4096 inputs: stays in cache)
 
 
-def _dense_rows(layer: nn.Module, start: int, stop: int) -> np.ndarray:
-    """float32 rows [start, stop) of a (quantized or dense) linear layer's weight."""
-    if isinstance(layer, nn.QuantizedLinear):
-        w = mx.dequantize(layer.weight[start:stop], layer.scales[start:stop],
-                          None if layer.biases is None else layer.biases[start:stop],
-                          group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
-    else:
-        w = layer.weight[start:stop]
-    return np.asarray(w.astype(mx.float32))
+EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)   # a tied model's vocabulary product: `as_linear`
+_active = [0]           # numpy_linears blocks open (tied_head reads it)
 
 
 class NumpyLinear(nn.Module):
@@ -46,26 +42,34 @@ class NumpyLinear(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         rows = x.size // x.shape[-1]
         if rows < MIN_ROWS or mx.default_device() != mx.cpu:
-            return self.inner(x)
+            return self.inner.as_linear(x) if isinstance(self.inner, EMBEDDINGS) else self.inner(x)
         xs = np.asarray(x.astype(mx.float32)).reshape(rows, x.shape[-1])
-        out_rows = self.inner.weight.shape[0]
+        weight = Rows(self.inner)
+        out_rows = weight.shape[0]
         y = np.empty((rows, out_rows), np.float32)
+        buffer = np.empty((min(ROW_CHUNK, out_rows), weight.shape[1]), np.float32)
         for start in range(0, out_rows, ROW_CHUNK):
             stop = min(start + ROW_CHUNK, out_rows)
-            np.matmul(xs, _dense_rows(self.inner, start, stop).T, out=y[:, start:stop])
+            chunk = buffer[:stop - start]
+            weight.fill(start, stop, chunk)
+            np.matmul(xs, chunk.T, out=y[:, start:stop])
         out = mx.array(y.reshape(*x.shape[:-1], out_rows))
         if "bias" in self.inner:
             out = out + self.inner.bias.astype(mx.float32)
         return out.astype(x.dtype)
 
 
-def _linear_slots(module: nn.Module, prefix: str = ""):
-    """(parent, key, layer) for every linear layer in the tree (lists of modules included)."""
+def _linear_slots(module: nn.Module):
+    """(parent, key, layer) for every linear layer in the tree (lists of modules included).
+
+    A list's parent is the list the module itself holds (`children()` returns copies of lists).
+    """
     for key, child in module.children().items():
-        items = enumerate(child) if isinstance(child, list) else [(None, child)]
+        stored = module[key]
+        items = enumerate(stored) if isinstance(stored, list) else [(None, child)]
         for index, item in items:
             if isinstance(item, (nn.Linear, nn.QuantizedLinear)):
-                yield (child if index is not None else module), (index if index is not None else key), item
+                yield (stored if index is not None else module), (index if index is not None else key), item
             elif isinstance(item, nn.Module):
                 yield from _linear_slots(item)
 
@@ -78,8 +82,15 @@ def numpy_linears(*modules: nn.Module):
         for parent, key, layer in list(_linear_slots(module)):
             parent[key] = NumpyLinear(layer)
             swapped.append((parent, key, layer))
+    _active[0] += 1
     try:
         yield
     finally:
+        _active[0] -= 1
         for parent, key, layer in swapped:
             parent[key] = layer
+
+
+def tied_head(embed: nn.Module):
+    """A tied model's lm_head: `embed.as_linear`, in numpy inside a numpy_linears block."""
+    return NumpyLinear(embed) if _active[0] else embed.as_linear

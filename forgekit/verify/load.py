@@ -6,7 +6,7 @@ Also the loading helpers the parity and mtp steps share (`load_body`, `load_head
 `trunk`, `prompt_tokens`). A `BodyCache` passed by the caller keeps the last loaded body,
 so the steps of one build load a large model once.
 
-params: tokens (fixed token ids; default 4 deterministic ids), compute_dtype (float32).
+params: tokens (fixed token ids, at least 2; default 2 deterministic ids), compute_dtype (float32).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import mlx.nn as nn
 from ..dtypes import BY_NAME
 from ..mtp_head import MTPHeadModel, text_args
 from ..verify_params import LoadParams
+from .cpu_linear import tied_head
 
 def _signature(directory: Path) -> tuple:
     """Identity of a model directory's current contents (path + stat of its files)."""
@@ -105,7 +106,7 @@ def trunk(model):
     """(decoder returning post-norm hidden, embedding module, lm_head callable) of an mlx-lm model."""
     text = getattr(model, "language_model", model)
     embed = text.model.embed_tokens
-    lm_head = embed.as_linear if text.args.tie_word_embeddings else text.lm_head
+    lm_head = tied_head(embed) if text.args.tie_word_embeddings else text.lm_head
     return text.model, embed, lm_head
 
 
@@ -118,6 +119,26 @@ def prompt_tokens(prompts: list, tokenizer, max_tokens: int | None = None) -> li
             raise ValueError(f"prompt {p!r} gives no token ids")
         out.append(ids[:max_tokens] if max_tokens else ids)
     return out
+
+
+DEFAULT_TOKENS = 2   # position 1 attends to position 0 and gives the head one draft; every weight
+                     # of the body is multiplied for each token, so more tokens prove nothing more
+                     # about finiteness (a 9B costs ~6 s a token in mlx's CPU kernel)
+
+
+def runtime_forward(model, head, ids: list[int]) -> tuple[mx.array, mx.array]:
+    """Trunk logits [1, T, V] and depth-1 draft logits [1, T-1, V] through mlx's own kernels.
+
+    The parity and mtp steps run their linears in numpy on a CPU (cpu_linear.py); this is the
+    one forward of a verify that runs the layers as the runtime does (mlx's quantized matmul).
+    """
+    tokens = mx.array([ids])
+    decoder, embed, lm_head = trunk(model)
+    hidden = decoder(tokens)
+    logits = lm_head(hidden)
+    draft_logits = lm_head(head.norm(head(embed(tokens[:, 1:]), hidden[:, :-1])))
+    mx.eval(logits, draft_logits)
+    return logits, draft_logits
 
 
 def run(directory: Path, plan, params: LoadParams, bodies: BodyCache | None = None) -> dict:
@@ -133,13 +154,8 @@ def run(directory: Path, plan, params: LoadParams, bodies: BodyCache | None = No
         return {"passed": False, "cause": f"{head_file(directory, config).name} does not load strictly into "
                                           f"the MTP module tree: {exc}"}
     vocab = text_args(config).vocab_size
-    ids = list(params.tokens or ()) or [(7 * i + 3) % vocab for i in range(4)]  # 9B: ~13 s a token on CPU
-    tokens = mx.array([ids])
-    decoder, embed, lm_head = trunk(model)
-    hidden = decoder(tokens)
-    logits = lm_head(hidden)
-    draft_logits = lm_head(head.mtp.norm(head.mtp(embed(tokens[:, 1:]), hidden[:, :-1])))
-    mx.eval(logits, draft_logits)
+    ids = list(params.tokens or ()) or [(7 * i + 3) % vocab for i in range(DEFAULT_TOKENS)]
+    logits, draft_logits = runtime_forward(model, head.mtp, ids)
     if logits.shape[-1] != vocab:
         return {"passed": False, "cause": f"trunk logits have {logits.shape[-1]} columns, config vocab is {vocab}"}
     for name, value in (("trunk", logits), ("head", draft_logits)):

@@ -95,6 +95,19 @@ def teacher_pass(model, tokens: mx.array, bodies: BodyCache | None):
     return hidden, np.argmax(log_probs, axis=-1)
 
 
+def head_drafts(model, head, tokens: mx.array, hidden: mx.array, depth: int) -> np.ndarray:
+    """`draft_chain` drafts [D, B, L-1] with the head's and the trunk's linears in numpy on a CPU.
+
+    The lm_head is taken from the model inside the block, so the drafts' vocabulary product
+    (the largest matrix) runs in numpy too, not in mlx's CPU kernel.
+    """
+    with numpy_linears(head, model):
+        _, embed, lm_head = trunk(model)
+        drafts = draft_chain(head, embed, lm_head, tokens, hidden, depth)
+        mx.eval(drafts)
+    return np.array(drafts)
+
+
 def run(directory: Path, plan, params: MtpParams, bodies: BodyCache | None = None) -> dict:
     config = json.loads((directory / "config.json").read_text())
     declared = contract(config)
@@ -125,11 +138,8 @@ def run(directory: Path, plan, params: MtpParams, bodies: BodyCache | None = Non
         tokens, hidden = greedy_trace(model, prompts, new_tokens)
         greedy, first_round = None, prompt_len
     trace_seconds = time.time() - start - load_seconds
-    _, embed, lm_head = trunk(model)
-    with numpy_linears(head, model):
-        drafts = draft_chain(head, embed, lm_head, tokens, hidden, depth)
-        mx.eval(drafts)
-    stats = chain_stats(np.array(drafts), np.array(tokens), first_round, greedy)
+    drafts = head_drafts(model, head, tokens, hidden, depth)
+    stats = chain_stats(drafts, np.array(tokens), first_round, greedy)
     summary = {**stats, "depth": depth, "prompts": len(ids), "prompt_tokens": prompt_len, "trace": params.trace,
                "new_tokens": new_tokens if params.trace == "greedy" else 0, "trunk_tokens": int(tokens.size),
                "head_positions": int(drafts.size), "concat_order": declared["concat_order"],

@@ -21,7 +21,7 @@ import xxhash
 from .. import settings
 from ..fileio import atomic_write_bytes
 
-VERSION = 1
+VERSION = 2                 # 2: the vocabulary product runs in numpy like the layers (trunk_pass.py)
 
 
 def key(digests: dict | None, seqs: list[list[int]]) -> str | None:

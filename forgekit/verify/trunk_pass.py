@@ -18,8 +18,8 @@ from .load import trunk
 
 def forward(model, tokens: mx.array) -> tuple[mx.array, np.ndarray]:
     """(post-norm hidden [B, L, H], float32 log-probs [B, L, V]) of one forward over `tokens`."""
-    decoder, _, lm_head = trunk(model)
     with numpy_linears(model):
+        decoder, _, lm_head = trunk(model)     # inside the block: the swapped lm_head, not mlx's kernel
         hidden = decoder(tokens)
         logits = lm_head(hidden).astype(mx.float32)
         log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
