@@ -158,3 +158,17 @@ def test_own_model_files_are_the_ones_mlx_lm_picks_with_the_same_shapes(recipe):
     assert own.Model is not theirs and inspect.getfile(own.Model) == inspect.getfile(theirs)
     assert model_classes(config) == (theirs, their_args)     # mlx_lm is loaded here: mlx-lm's own
     assert _shapes(own.Model(own.ModelArgs.from_dict(config))) == _shapes(theirs(their_args.from_dict(config)))
+
+
+def test_a_head_that_runs_is_built_from_mlx_lms_own_modules(cold):
+    """Only planning and the shape checks use forgekit's copy of the model files: the verify steps'
+    head (load_head) is mlx-lm's own DecoderLayer, even in a process that planned first."""
+    work = cold[0]
+    code = ("import json, sys; from pathlib import Path; from forgekit.plan.shapes import head_shapes; "
+            "from forgekit.verify.load import load_head; out = Path(sys.argv[1]); "
+            "config = json.loads((out / 'config.json').read_text()); head_shapes(config); "
+            "planned = 'mlx_lm' in sys.modules; layer = load_head(out, config).mtp.layers[0]; "
+            "print(planned, type(layer).__module__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(work / "out")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.split() == ["False", "mlx_lm.models.qwen3_5"], proc.stdout + proc.stderr
