@@ -18,10 +18,15 @@ Depth d+1 feeds ``norm(x)`` and the drafted token back in.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.qwen3_5 import DecoderLayer, TextModelArgs
+
+from .mlx_models import models_module
+
+if TYPE_CHECKING:
+    from mlx_lm.models.qwen3_5 import TextModelArgs
 
 
 class MTPHead(nn.Module):
@@ -32,7 +37,8 @@ class MTPHead(nn.Module):
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.pre_fc_norm_embedding = nn.RMSNorm(hidden, eps=eps)
         self.pre_fc_norm_hidden = nn.RMSNorm(hidden, eps=eps)
-        self.layers = [DecoderLayer(args, layer_idx=args.full_attention_interval - 1)]
+        decoder_layer = models_module("qwen3_5").DecoderLayer   # mlx-lm's, see mlx_models.py
+        self.layers = [decoder_layer(args, layer_idx=args.full_attention_interval - 1)]
         self.norm = nn.RMSNorm(hidden, eps=eps)
 
     def __call__(self, embeddings: mx.array, hidden: mx.array, cache=None) -> mx.array:
@@ -41,7 +47,7 @@ class MTPHead(nn.Module):
         h = self.pre_fc_norm_hidden(hidden)
         pair = [e, h] if self.concat_order == "embedding_hidden" else [h, e]
         x = self.fc(mx.concatenate(pair, axis=-1))
-        mask = create_attention_mask(x, cache)
+        mask = models_module("base").create_attention_mask(x, cache)
         return self.layers[0](x, mask=mask, cache=cache)
 
 
@@ -56,7 +62,7 @@ class MTPHeadModel(nn.Module):
 def text_args(config: dict) -> TextModelArgs:
     """mlx-lm's TextModelArgs from an HF/MLX Qwen3.5 config.json dict."""
     text_config = dict(config.get("text_config", config))
-    return TextModelArgs.from_dict(text_config)
+    return models_module("qwen3_5").TextModelArgs.from_dict(text_config)
 
 
 def draft_chain(head: MTPHead, embed, lm_head, tokens: mx.array, hidden: mx.array, depth: int):

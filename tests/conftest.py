@@ -60,3 +60,25 @@ def built_demo(tmp_path_factory) -> Path:
     proc = run_doit(recipe, work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return work / "out"
+
+
+@pytest.fixture(scope="session")
+def mlx_lm_converted(tmp_path_factory):
+    """`convert(source, **flags)`: mlx-lm's own conversion of a checkpoint (`mlx_lm convert --hf-path
+    SOURCE -q --q-bits 4 --q-group-size 64` unless `flags` say otherwise; in-process, the function that
+    command calls with the same arguments), run once per session per (checkpoint, flags) and shared by
+    the tests that compare a build with it (they only read it)."""
+    done: dict = {}
+
+    def convert(source: Path, **flags) -> Path:
+        from mlx_lm import convert as mlx_lm_convert
+
+        flags = {"q_bits": 4, "q_group_size": 64, **flags}
+        key = (str(Path(source).resolve()), tuple(sorted(flags.items())))
+        if key not in done:
+            out = tmp_path_factory.mktemp("mlx-lm-convert") / "mlx"
+            mlx_lm_convert(str(source), str(out), quantize=True, **flags)
+            done[key] = out
+        return done[key]
+
+    return convert

@@ -4,8 +4,6 @@ that matches mlx_lm.convert bit for bit, and whose head equals the GGUF's."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import gguf
 import mlx.core as mx
@@ -47,10 +45,8 @@ def test_demo_loads_with_mlx_lm_and_agrees_with_bf16_source(built_demo):
 
 
 @pytest.mark.slow
-def test_body_is_bit_identical_to_mlx_lm_convert(built_demo, tmp_path):
-    ref = tmp_path / "mlx-lm-convert"
-    subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(BODY), "--mlx-path", str(ref),
-                    "-q", "--q-bits", "4", "--q-group-size", "64"], check=True, capture_output=True)
+def test_body_is_bit_identical_to_mlx_lm_convert(built_demo, mlx_lm_converted):
+    ref = mlx_lm_converted(BODY)   # mlx_lm convert -q --q-bits 4 --q-group-size 64
     ours, theirs = trunk_tensors(built_demo), trunk_tensors(ref)
     assert set(ours) == set(theirs)
     for k in theirs:

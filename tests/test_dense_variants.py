@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import mlx.core as mx
 import pytest
@@ -54,15 +52,9 @@ def trunk(directory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> dict:
+def converted(mlx_lm_converted) -> dict:
     """mlx_lm.convert -q 4/g64 of the tied body and of the nested form of the text-only weights."""
-    out = {}
-    for name, source in (("tied", TIED), ("text", BODY)):
-        ref = tmp_path_factory.mktemp("convert") / name
-        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(ref),
-                        "-q", "--q-bits", "4", "--q-group-size", "64"], check=True, capture_output=True)
-        out[name] = ref
-    return out
+    return {name: mlx_lm_converted(source) for name, source in (("tied", TIED), ("text", BODY))}
 
 
 @pytest.mark.parametrize("variant", ["tied", "text"])

@@ -144,31 +144,49 @@ def assert_consistent(work: Path, cache: Path) -> None:
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> dict[str, dict[str, bytes]]:
-    """Clean builds (serial, default settings, fresh dir and cache) of both recipe variants."""
+    """Clean builds (serial, default settings, fresh dir and cache) of both recipe variants. The
+    dir of each earlier variant's clean build is kept (under "<label>-earlier-dir") as the
+    starting point the kill tests copy instead of building it again."""
     refs = {}
     for label, verify in (("cheap", CHEAP), ("full", FULL)):
         work = tmp_path_factory.mktemp(f"clean-{label}")
-        target, earlier = recipes(work, verify)
+        target, _ = recipes(work, verify)
         proc = run_doit(target, work)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         refs[label] = tree(work / "out")
+        work = tmp_path_factory.mktemp(f"earlier-{label}")
+        _, earlier = recipes(work, verify)
         proc = run_doit(earlier, work, cache=work / "cache-earlier")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         refs[f"{label}-earlier"] = tree(work / "out")
+        refs[f"{label}-earlier-dir"] = work
     return refs
+
+
+def earlier_build(work: Path, label: str, references) -> dict[str, bytes]:
+    """An earlier good build of work/out (its own cache): a copy of the module's clean build of the
+    earlier variant, everything it left in its dir (out, its sibling files, cache-earlier) with
+    mtimes; it is built for real once per module, not once per test (output is path-independent)."""
+    template = references[f"{label}-earlier-dir"]
+    for entry in template.iterdir():
+        if entry.name in ("recipe.yaml", "earlier.yaml"):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, work / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, work / entry.name, follow_symlinks=False)
+    before = tree(work / "out")
+    assert before == references[f"{label}-earlier"]
+    return before
 
 
 def kill_and_rerun(work: Path, point: str, n: int, verify: str, references) -> None:
     label = "cheap" if verify == CHEAP else "full"
     expected = references[label]
     same = (lambda a, b: a == b) if label == "cheap" else (lambda a, b: untimed(a) == untimed(b))
-    target, earlier = recipes(work, verify)
+    target, _ = recipes(work, verify)
     cache = work / "cache"
-    # An earlier good build of the same output dir (its own cache).
-    proc = run_doit(earlier, work, cache=work / "cache-earlier")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    before = tree(work / "out")
-    assert before == references[f"{label}-earlier"]
+    before = earlier_build(work, label, references)   # an earlier good build of the same output dir
 
     proc = run_faulted(target, work, cache, f"{point}:{n}:tree")
     log = (work / "fault.log").read_text() if (work / "fault.log").exists() else ""
@@ -300,9 +318,8 @@ def _limit_file_size(limit: int):
 def test_file_size_limit_fails_a_shard_write_cleanly(tmp_path, references):
     """A real kernel refusal: no file of the build may exceed 40 kB (RLIMIT_FSIZE), so writing
     the first shard object fails with EFBIG. Earlier output untouched, no object recorded."""
-    target, earlier = recipes(tmp_path, CHEAP)
-    assert run_doit(earlier, tmp_path, cache=tmp_path / "cache-earlier").returncode == 0
-    before = tree(tmp_path / "out")
+    target, _ = recipes(tmp_path, CHEAP)
+    before = earlier_build(tmp_path, "cheap", references)
     cache = tmp_path / "cache"
     proc = run_faulted(target, tmp_path, cache, "", preexec=_limit_file_size(40_000))
     # The trunk shards (10-29 kB) fit; the 100 kB head object is refused by the kernel.

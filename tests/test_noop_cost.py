@@ -12,6 +12,7 @@ import pytest
 
 from conftest import ROOT, ran_tasks, run_doit
 from forgekit.build.profile import read
+from forgekit.mlx_models import OWN_PACKAGE
 from test_incremental import base_recipe, build
 
 
@@ -88,11 +89,11 @@ def test_a_noop_build_imports_no_model_library(cold):
     assert ran_tasks(proc) == [], proc.stdout
     seen = imported(proc)
     assert "doit" in seen and "forgekit" in seen           # the import log is read at all
-    assert not seen & {"mlx_lm", "transformers"}, sorted(seen & {"mlx_lm", "transformers"})
+    assert not seen & {"mlx_lm", "transformers", OWN_PACKAGE}, sorted(seen & {"mlx_lm", "transformers", OWN_PACKAGE})
 
 
 def test_without_the_shapes_memo_a_noop_asks_mlx_lm_and_writes_it_back(cold):
-    """Mis-case for the test above: with the memo gone, planning imports mlx-lm again, still runs
+    """Mis-case for the test above: with the memo gone, planning reads mlx-lm's model files again, still runs
     no task, and the memo is back for the next run."""
     from forgekit.plan.shapes import SHAPES_MEMO
 
@@ -102,7 +103,7 @@ def test_without_the_shapes_memo_a_noop_asks_mlx_lm_and_writes_it_back(cold):
     memo.unlink()
     proc = build(recipe, work, env={"PYTHONPROFILEIMPORTTIME": "1"})
     assert ran_tasks(proc) == [], proc.stdout
-    assert "mlx_lm" in imported(proc)
+    assert OWN_PACKAGE in imported(proc)
     assert memo.is_file()
 
 
@@ -117,6 +118,57 @@ def test_a_damaged_shapes_memo_is_asked_again_not_trusted(cold):
     key = next(iter(json.loads(memo.read_text())))
     memo.write_text(json.dumps({key: {"trunk": {"model.embed_tokens.weight": ["x"]}, "head": {}}}))
     proc = build(recipe, work, env={"PYTHONPROFILEIMPORTTIME": "1"})
-    assert ran_tasks(proc) == [] and "mlx_lm" in imported(proc)
+    assert ran_tasks(proc) == [] and OWN_PACKAGE in imported(proc)
     entry = json.loads(memo.read_text())[key]
     assert all(isinstance(d, int) for shape in entry["trunk"].values() for d in shape)
+
+
+def test_a_cold_build_imports_neither_mlx_lm_nor_transformers(tmp_path):
+    """Without the memo (a fresh cache), planning and the structural step read mlx-lm's model files
+    through forgekit/mlx_models.py: mlx_lm's package start-up (and transformers behind it, ~0.6 s
+    CPU of every build) is not paid; the same log does show them where a process imports them."""
+    proc = build(base_recipe(tmp_path), tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert "build:verify:0:structural" in ran_tasks(proc)
+    seen = imported(proc)
+    assert OWN_PACKAGE in seen and "forgekit" in seen      # mlx-lm's model files were read
+    assert not seen & {"mlx_lm", "transformers"}, sorted(seen & {"mlx_lm", "transformers"})
+    probe = subprocess.run([sys.executable, "-c", "import mlx_lm"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
+    assert {"mlx_lm", "transformers"} <= imported(probe)
+
+
+@pytest.mark.parametrize("recipe", ["tiny-demo", "tiny-moe"])
+def test_own_model_files_are_the_ones_mlx_lm_picks_with_the_same_shapes(recipe):
+    """For the model type each shipped base writes, forgekit's copy of mlx-lm's models package
+    gives classes from the file mlx_lm.utils._get_classes picks (no remapping), with equal shapes."""
+    import inspect
+
+    from mlx_lm.utils import _get_classes
+
+    from forgekit.build.outputs import config_json
+    from forgekit.mlx_models import UNMAPPED, model_classes, own_module
+    from forgekit.plan import make_plan
+    from forgekit.plan.shapes import _shapes
+    from forgekit.recipe import load_recipe
+
+    config = config_json(make_plan(load_recipe(ROOT / "recipes" / f"{recipe}.yaml")))
+    assert config["model_type"] in UNMAPPED
+    theirs, their_args = _get_classes(config)
+    own = own_module(config["model_type"])
+    assert own.Model is not theirs and inspect.getfile(own.Model) == inspect.getfile(theirs)
+    assert model_classes(config) == (theirs, their_args)     # mlx_lm is loaded here: mlx-lm's own
+    assert _shapes(own.Model(own.ModelArgs.from_dict(config))) == _shapes(theirs(their_args.from_dict(config)))
+
+
+def test_a_head_that_runs_is_built_from_mlx_lms_own_modules(cold):
+    """Only planning and the shape checks use forgekit's copy of the model files: the verify steps'
+    head (load_head) is mlx-lm's own DecoderLayer, even in a process that planned first."""
+    work = cold[0]
+    code = ("import json, sys; from pathlib import Path; from forgekit.plan.shapes import head_shapes; "
+            "from forgekit.verify.load import load_head; out = Path(sys.argv[1]); "
+            "config = json.loads((out / 'config.json').read_text()); head_shapes(config); "
+            "planned = 'mlx_lm' in sys.modules; layer = load_head(out, config).mtp.layers[0]; "
+            "print(planned, type(layer).__module__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(work / "out")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.split() == ["False", "mlx_lm.models.qwen3_5"], proc.stdout + proc.stderr

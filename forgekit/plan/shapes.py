@@ -3,10 +3,11 @@ every parameter mlx-lm's model class needs is produced with its shape (a body mi
 norm is caught here, not by `load` after the build), and every `mtp.*` head tensor has the shape
 the body's config gives the head (a head from a model of another width is caught at validate).
 
-Asking mlx-lm means importing it (and transformers behind it): about 0.6 s, most of a no-op
-build. The answer depends only on the config and the code that builds the model, so it is
-memoised under the cache (SHAPES_MEMO), keyed by the config, mlx-lm's version and the bytes of
-forgekit's head module; a no-op build then imports no model library."""
+Asking mlx-lm means reading its model files; forgekit/mlx_models.py does that without mlx_lm's
+package start-up (transformers behind it: about 0.6 s, most of a no-op build). The answer depends
+only on the config and the code that builds the model, so it is also memoised under the cache
+(SHAPES_MEMO), keyed by the config, mlx-lm's version and the bytes of forgekit's head module and
+of mlx_models.py; a no-op build then imports no model library and builds no model."""
 
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ def _shapes(module) -> dict[str, tuple[int, ...]]:
 
 def trunk_shapes(config: dict, config_file: Path | str) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of mlx-lm's model for `config` (lazy arrays: nothing allocated)."""
-    from mlx_lm.utils import _get_classes
+    from ..mlx_models import model_classes
 
     try:
-        model_class, args_class = _get_classes(config)
+        model_class, args_class = model_classes(config)
     except ValueError:
         raise PlanError(f"{config_file}: model_type '{config.get('model_type')}' in the output config has no "
                         f"mlx-lm model; use a base recipe that writes a form mlx-lm loads") from None
@@ -51,7 +52,8 @@ def _memo_key(config: dict, with_head: bool) -> str:
 
     import xxhash
 
-    head_code = (Path(__file__).resolve().parent.parent / "mtp_head.py").read_bytes()
+    package = Path(__file__).resolve().parent.parent
+    head_code = b"".join((package / name).read_bytes() for name in ("mtp_head.py", "mlx_models.py"))
     what = {"config": config, "head": with_head, "mlx_lm": version("mlx-lm"),
             "head_code": xxhash.xxh3_128_hexdigest(head_code)}
     return xxhash.xxh3_128_hexdigest(json.dumps(what, sort_keys=True, default=str).encode())

@@ -90,7 +90,10 @@ def contract(config: dict) -> dict:
 
 
 def load_head(directory: Path, config: dict, dtype=mx.bfloat16) -> MTPHeadModel:
-    """The head file loaded strictly (exact keys and shapes) with the config's concat order."""
+    """The head file loaded strictly (exact keys and shapes) with the config's concat order. A head
+    that runs is built from mlx-lm's own modules (imported here first; see mlx_models.py)."""
+    import mlx_lm  # noqa: F401
+
     model = MTPHeadModel(text_args(config), concat_order=contract(config)["concat_order"])
     quantized = {p: e for p, e in (config.get("quantization") or {}).items() if p.startswith("mtp.") and isinstance(e, dict)}
     if quantized:   # a prequantized head: the modules config.json names take its packed weights

@@ -32,9 +32,9 @@ def expected_trunk(config: dict) -> dict[str, tuple[int, ...]]:
     """Parameter names/shapes mlx-lm builds from the output config (quantized where configured)."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
+    from ..mlx_models import model_classes   # mlx-lm's classes without mlx_lm's start-up
 
-    model_class, args_class = _get_classes(config=config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     q = config.get("quantization")
     if q:

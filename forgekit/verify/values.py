@@ -35,8 +35,9 @@ def mlx_lm_gate_up(fused: mx.array) -> dict[str, mx.array]:
     """{'gate_proj', 'up_proj'} of a fused [E, 2I, H] tensor through mlx-lm's own sanitize."""
     from types import SimpleNamespace
 
-    from mlx_lm.models.qwen3_5_moe import Model
+    from ..mlx_models import models_module   # mlx-lm's model file without mlx_lm's start-up
 
+    Model = models_module("qwen3_5_moe").Model
     prefix = "language_model.model.layers.0.mlp"
     text = SimpleNamespace(args=SimpleNamespace(num_hidden_layers=1), sanitize=lambda w: w)
     out = Model.sanitize(SimpleNamespace(language_model=text),
