@@ -47,6 +47,7 @@ POINTS = {
     "commit.renamed": "build.store.ObjectStore.commit: object renamed into the store, no record yet",
     "commit.recorded": "build.store.ObjectStore.commit: object and record in place, doit state not saved",
     "atomic.tmp-written": "fileio.atomic_write_bytes: temp file written, not renamed",
+    "memo.tmp-written": "the same, for a memo that only saves work (plan.shapes, build.keys code fingerprints)",
     "place.tmp": "build.store.place_file: link/copy made under a temp name, not renamed",
     "stage.begin": "build.stage.stage: staging dir emptied, nothing placed",
     "stage.file": "build.stage.stage: one output file about to be placed",

@@ -95,14 +95,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, point: str = "atomic.tmp-written") -> None:
+    """Write `path` whole or not at all (temp file, fsync, rename, fsync of the directory).
+    `point`: the fault checkpoint after the temp file is written (forgekit/faults.py)."""
     tmp = make_temp(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        checkpoint("atomic.tmp-written")
+        checkpoint(point)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as exc:
@@ -112,8 +114,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def atomic_write_json(path: Path, obj, point: str = "atomic.tmp-written") -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), point)
 
 
 # A full disk / quota / file size limit / read-only file system: the user's to fix, so one line.

@@ -43,17 +43,23 @@ def own_module(name: str) -> types.ModuleType:
 
 def models_module(name: str) -> types.ModuleType:
     """mlx-lm's `mlx_lm.models.<name>` once mlx_lm is imported, else the same file from own_module."""
-    if "mlx_lm" in sys.modules:
-        return importlib.import_module(f"mlx_lm.models.{name}")
-    return own_module(name)
+    if "mlx_lm" not in sys.modules:
+        try:
+            return own_module(name)
+        except ImportError:
+            pass   # a model file that reaches outside mlx_lm.models: import mlx-lm itself
+    return importlib.import_module(f"mlx_lm.models.{name}")
 
 
 def model_classes(config: dict):
     """(Model, ModelArgs) of mlx-lm for an output config, as mlx_lm.utils._get_classes picks them;
     raises ValueError for a model type mlx-lm has no model for."""
     if "mlx_lm" not in sys.modules and config.get("model_type") in UNMAPPED:
-        module = own_module(config["model_type"])
-        return module.Model, module.ModelArgs
+        try:
+            module = own_module(config["model_type"])
+            return module.Model, module.ModelArgs
+        except ImportError:
+            pass   # a model file that reaches outside mlx_lm.models: mlx-lm's own route below
     from mlx_lm.utils import _get_classes
 
     return _get_classes(config)

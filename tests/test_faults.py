@@ -59,7 +59,7 @@ KILLS = [
     ("shard.written", 1),        # temp object complete, not committed
     ("commit.renamed", 2),       # object in the store without its record
     ("commit.recorded", 1),      # object + record in place, doit state not saved
-    ("atomic.tmp-written", 1),   # the first record's temp file written, not renamed
+    ("atomic.tmp-written", 2),   # the first record's temp file written, not renamed (1: the lease)
     ("stage.begin", 1),          # staging dir emptied
     ("stage.file", 2),           # staging half assembled
     ("place.tmp", 3),            # a staged file linked under its temp name
