@@ -95,16 +95,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, point: str = "atomic.tmp-written") -> None:
+def atomic_write_bytes(path: Path, data: bytes, memo: bool = False) -> None:
     """Write `path` whole or not at all (temp file, fsync, rename, fsync of the directory).
-    `point`: the fault checkpoint after the temp file is written (forgekit/faults.py)."""
+    `memo`: a file that only saves work, with a fault checkpoint of its own (forgekit/faults.py)."""
     tmp = make_temp(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        checkpoint(point)
+        checkpoint("memo.tmp-written" if memo else "atomic.tmp-written")
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException as exc:
@@ -114,8 +114,8 @@ def atomic_write_bytes(path: Path, data: bytes, point: str = "atomic.tmp-written
         raise
 
 
-def atomic_write_json(path: Path, obj, point: str = "atomic.tmp-written") -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), point)
+def atomic_write_json(path: Path, obj, memo: bool = False) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), memo)
 
 
 # A full disk / quota / file size limit / read-only file system: the user's to fix, so one line.

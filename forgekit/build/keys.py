@@ -89,7 +89,7 @@ def _known_fingerprints(files: list[Path]) -> dict[str, str]:
         out[str(f)] = current[content] = known
     if changed:   # only this code's entries are kept: the memo stays a few lines
         try:
-            atomic_write_json(path, current, point="memo.tmp-written")
+            atomic_write_json(path, current, memo=True)
         except OSError:
             pass   # a read-only cache only costs re-parsing
     return out

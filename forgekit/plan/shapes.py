@@ -94,7 +94,7 @@ def expected_shapes(config: dict, config_file: Path | str, with_head: bool):
 
         kept = {k: v for k, v in list(memo.items())[-(SHAPES_MEMO_ENTRIES - 1):] if k != key}
         try:
-            atomic_write_json(path, {**kept, key: {"trunk": trunk, "head": head}}, point="memo.tmp-written")
+            atomic_write_json(path, {**kept, key: {"trunk": trunk, "head": head}}, memo=True)
         except OSError:
             pass   # a read-only cache only costs asking mlx-lm again
     return trunk, head
