@@ -6,8 +6,8 @@ the body's config gives the head (a head from a model of another width is caught
 Asking mlx-lm means reading its model files; forgekit/mlx_models.py does that without mlx_lm's
 package start-up (transformers behind it: about 0.6 s, most of a no-op build). The answer depends
 only on the config and the code that builds the model, so it is also memoised under the cache
-(SHAPES_MEMO), keyed by the config, mlx-lm's version and the bytes of forgekit's head module and
-of mlx_models.py; a no-op build then imports no model library and builds no model."""
+(SHAPES_MEMO), keyed by the config, mlx-lm's and mlx's versions and the bytes of forgekit's code
+that computes it (CODE_FILES); a no-op build then imports no model library and builds no model."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from .tensor import TensorPlan
 HEAD_PREFIX = "mtp."
 SHAPES_MEMO = "model-shapes.json"   # under the cache: memo key -> {"trunk": {...}, "head": {...}}
 SHAPES_MEMO_ENTRIES = 32            # configs remembered (one per model a cache builds)
+# forgekit's code the answer depends on, part of the memo key (this file: how shapes are read)
+CODE_FILES = ("mtp_head.py", "mlx_models.py", "plan/shapes.py")
 
 
 def _shapes(module) -> dict[str, tuple[int, ...]]:
@@ -53,9 +55,9 @@ def _memo_key(config: dict, with_head: bool) -> str:
     import xxhash
 
     package = Path(__file__).resolve().parent.parent
-    head_code = b"".join((package / name).read_bytes() for name in ("mtp_head.py", "mlx_models.py"))
-    what = {"config": config, "head": with_head, "mlx_lm": version("mlx-lm"),
-            "head_code": xxhash.xxh3_128_hexdigest(head_code)}
+    code = b"".join((package / name).read_bytes() for name in CODE_FILES)
+    what = {"config": config, "head": with_head, "mlx_lm": version("mlx-lm"), "mlx": version("mlx"),
+            "head_code": xxhash.xxh3_128_hexdigest(code)}
     return xxhash.xxh3_128_hexdigest(json.dumps(what, sort_keys=True, default=str).encode())
 
 
