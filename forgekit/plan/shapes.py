@@ -11,6 +11,7 @@ that computes it (CODE_FILES); a no-op build then imports no model library and b
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -89,8 +90,10 @@ def expected_shapes(config: dict, config_file: Path | str, with_head: bool):
     trunk, head = _as_shapes(hit.get("trunk")), _as_shapes(hit.get("head"))
     if trunk is not None and head is not None:
         return trunk, head
-    trunk = trunk_shapes(config, config_file)
-    head = head_shapes(config) if with_head else {}
+    # copies: mlx-lm's ModelArgs rewrite the dict they are given (rope_parameters' rope_type ->
+    # type), which would change this config's memo key for the next call in the same process
+    trunk = trunk_shapes(copy.deepcopy(config), config_file)
+    head = head_shapes(copy.deepcopy(config)) if with_head else {}
     if path.parent.is_dir():
         from ..fileio import atomic_write_json
 
