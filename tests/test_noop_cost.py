@@ -203,3 +203,17 @@ def test_one_shapes_memo_answers_each_config_with_its_own_shapes(tmp_path, monke
     assert entries[0] == entries[1] >= 2
     trunk, head = expected_shapes(small, "a", True)
     assert head["mtp.fc.weight"] == (64, 128) and trunk[embed] == (vocab, 64)
+
+
+def test_an_empty_shapes_memo_entry_is_asked_again(tmp_path, monkeypatch):
+    """An entry whose tables are empty would check nothing: it is damaged, not an answer."""
+    from forgekit.plan.shapes import SHAPES_MEMO, _memo_key, expected_shapes
+
+    monkeypatch.setenv("FORGEKIT_CACHE", str(tmp_path))
+    config = _tiny_config()
+    for with_head in (False, True):
+        key = _memo_key(config, with_head)
+        (tmp_path / SHAPES_MEMO).write_text(json.dumps({key: {"trunk": {}, "head": {}}}))
+        trunk, head = expected_shapes(config, "a", with_head)
+        assert "language_model.model.norm.weight" in trunk and bool(head) == with_head
+        assert json.loads((tmp_path / SHAPES_MEMO).read_text())[key]["trunk"]

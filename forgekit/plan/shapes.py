@@ -70,9 +70,10 @@ def _read_memo(path: Path) -> dict:
     return memo if isinstance(memo, dict) else {}
 
 
-def _as_shapes(table) -> dict[str, tuple[int, ...]] | None:
-    """A memo entry's {name: [dims]} as shapes; None if it is not that (a damaged memo)."""
-    if not isinstance(table, dict):
+def _as_shapes(table, allow_empty: bool = False) -> dict[str, tuple[int, ...]] | None:
+    """A memo entry's {name: [dims]} as shapes; None if it is not that (a damaged memo). Empty
+    only where nothing is asked (no head): an empty trunk table would check nothing."""
+    if not isinstance(table, dict) or (not table and not allow_empty):
         return None
     if not all(isinstance(v, list) and all(type(d) is int for d in v) for v in table.values()):
         return None
@@ -87,7 +88,7 @@ def expected_shapes(config: dict, config_file: Path | str, with_head: bool):
     key = _memo_key(config, with_head)
     memo = _read_memo(path)
     hit = memo.get(key) if isinstance(memo.get(key), dict) else {}
-    trunk, head = _as_shapes(hit.get("trunk")), _as_shapes(hit.get("head"))
+    trunk, head = _as_shapes(hit.get("trunk")), _as_shapes(hit.get("head"), allow_empty=not with_head)
     if trunk is not None and head is not None:
         return trunk, head
     # copies: mlx-lm's ModelArgs rewrite the dict they are given (rope_parameters' rope_type ->
