@@ -83,3 +83,16 @@ def test_a_tied_vocabulary_product_runs_in_numpy_inside_the_block():
         assert isinstance(head, NumpyLinear)
         np.testing.assert_allclose(np.asarray(head(x)), np.asarray(embed.as_linear(x)), rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(np.asarray(head(x[:, :1])), np.asarray(embed.as_linear(x[:, :1])))
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
+def test_other_quantization_modes_fall_back_to_mlx(mode):
+    """Only affine is done in numpy; another mode (no biases) is dequantized by mlx itself."""
+    mx.random.seed(5)
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(IN, OUT, bias=False), mode=mode)
+    rows = Rows(layer)
+    assert rows.fallback and rows.shape == (OUT, IN)
+    got = np.empty((OUT, IN), np.float32)
+    rows.fill(0, OUT, got)
+    want = mx.dequantize(layer.weight, layer.scales, None, group_size=layer.group_size, bits=layer.bits, mode=mode)
+    assert np.array_equal(got, np.asarray(want.astype(mx.float32)))
