@@ -83,3 +83,46 @@ def test_a_tied_vocabulary_product_runs_in_numpy_inside_the_block():
         assert isinstance(head, NumpyLinear)
         np.testing.assert_allclose(np.asarray(head(x)), np.asarray(embed.as_linear(x)), rtol=1e-4, atol=1e-4)
         np.testing.assert_array_equal(np.asarray(head(x[:, :1])), np.asarray(embed.as_linear(x[:, :1])))
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "mxfp8", "nvfp4"])
+def test_other_quantization_modes_fall_back_to_mlx(mode):
+    """Only affine is done in numpy; another mode (no biases) is dequantized by mlx itself."""
+    mx.random.seed(5)
+    layer = nn.QuantizedLinear.from_linear(nn.Linear(IN, OUT, bias=False), mode=mode)
+    rows = Rows(layer)
+    assert rows.fallback and rows.shape == (OUT, IN)
+    got = np.empty((OUT, IN), np.float32)
+    rows.fill(0, OUT, got)
+    want = mx.dequantize(layer.weight, layer.scales, None, group_size=layer.group_size, bits=layer.bits, mode=mode)
+    assert np.array_equal(got, np.asarray(want.astype(mx.float32)))
+
+
+def test_the_vocabulary_product_of_a_prefill_and_of_the_drafts_runs_in_numpy(built_demo):
+    """trunk_pass.forward and mtp.head_drafts take the lm_head inside their numpy_linears block
+    (taken before it, the vocabulary product ran in mlx's CPU kernel: most of a 9B prefill)."""
+    import json
+    import sys
+
+    from forgekit.verify import mtp, trunk_pass
+    from forgekit.verify.load import BodyCache, load_head
+
+    config = json.loads((built_demo / "config.json").read_text())
+    model, _ = BodyCache().load(built_demo, mx.float32)
+    head = load_head(built_demo, config, mx.float32).mtp
+    lm_head = model.language_model.lm_head
+    tokens = mx.array([[(7 * i + 3) % config["text_config"]["vocab_size"] for i in range(2 * MIN_ROWS)]])
+    inner = []
+
+    def seen(frame, event, arg):
+        if event == "call" and frame.f_code is NumpyLinear.__call__.__code__:
+            inner.append(frame.f_locals["self"].inner)
+
+    sys.setprofile(seen)
+    try:
+        hidden, _ = trunk_pass.forward(model, tokens)
+        prefill, inner[:] = list(inner), []
+        mtp.head_drafts(model, head, tokens, hidden, 2)
+    finally:
+        sys.setprofile(None)
+    assert any(layer is lm_head for layer in prefill) and any(layer is lm_head for layer in inner)

@@ -4,6 +4,7 @@ forgekit/build/profile.py), never by timing."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -172,3 +173,47 @@ def test_a_head_that_runs_is_built_from_mlx_lms_own_modules(cold):
     proc = subprocess.run([sys.executable, "-c", code, str(work / "out")], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.stdout.split() == ["False", "mlx_lm.models.qwen3_5"], proc.stdout + proc.stderr
+
+
+def _tiny_config(**text) -> dict:
+    from forgekit.build.outputs import config_json
+    from forgekit.plan import make_plan
+    from forgekit.recipe import load_recipe
+
+    config = config_json(make_plan(load_recipe(ROOT / "recipes" / "tiny-demo.yaml")))
+    config["text_config"].update(text)
+    return config
+
+
+def test_one_shapes_memo_answers_each_config_with_its_own_shapes(tmp_path, monkeypatch):
+    """Two configs in one cache (the memo is shared by every model a cache builds): each gets the
+    shapes its own config gives, from mlx-lm and then from the memo, and with_head is part of the key."""
+    from forgekit.plan.shapes import SHAPES_MEMO, expected_shapes
+
+    monkeypatch.setenv("FORGEKIT_CACHE", str(tmp_path))
+    small, large = _tiny_config(), _tiny_config(vocab_size=512)
+    embed = "language_model.model.embed_tokens.weight"
+    vocab = small["text_config"]["vocab_size"]
+    assert vocab != 512
+    entries = []
+    for _ in range(2):   # first asked, then answered from the memo (no new entry)
+        assert expected_shapes(small, "a", False)[0][embed] == (vocab, 64)
+        assert expected_shapes(large, "b", False)[0][embed] == (512, 64)
+        entries.append(len(json.loads((tmp_path / SHAPES_MEMO).read_text())))
+    assert entries[0] == entries[1] >= 2
+    trunk, head = expected_shapes(small, "a", True)
+    assert head["mtp.fc.weight"] == (64, 128) and trunk[embed] == (vocab, 64)
+
+
+def test_an_empty_shapes_memo_entry_is_asked_again(tmp_path, monkeypatch):
+    """An entry whose tables are empty would check nothing: it is damaged, not an answer."""
+    from forgekit.plan.shapes import SHAPES_MEMO, _memo_key, expected_shapes
+
+    monkeypatch.setenv("FORGEKIT_CACHE", str(tmp_path))
+    config = _tiny_config()
+    for with_head in (False, True):
+        key = _memo_key(config, with_head)
+        (tmp_path / SHAPES_MEMO).write_text(json.dumps({key: {"trunk": {}, "head": {}}}))
+        trunk, head = expected_shapes(config, "a", with_head)
+        assert "language_model.model.norm.weight" in trunk and bool(head) == with_head
+        assert json.loads((tmp_path / SHAPES_MEMO).read_text())[key]["trunk"]

@@ -6,11 +6,12 @@ the body's config gives the head (a head from a model of another width is caught
 Asking mlx-lm means reading its model files; forgekit/mlx_models.py does that without mlx_lm's
 package start-up (transformers behind it: about 0.6 s, most of a no-op build). The answer depends
 only on the config and the code that builds the model, so it is also memoised under the cache
-(SHAPES_MEMO), keyed by the config, mlx-lm's version and the bytes of forgekit's head module and
-of mlx_models.py; a no-op build then imports no model library and builds no model."""
+(SHAPES_MEMO), keyed by the config, mlx-lm's and mlx's versions and the bytes of forgekit's code
+that computes it (CODE_FILES); a no-op build then imports no model library and builds no model."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .tensor import TensorPlan
 HEAD_PREFIX = "mtp."
 SHAPES_MEMO = "model-shapes.json"   # under the cache: memo key -> {"trunk": {...}, "head": {...}}
 SHAPES_MEMO_ENTRIES = 32            # configs remembered (one per model a cache builds)
+# forgekit's code the answer depends on, part of the memo key (this file: how shapes are read)
+CODE_FILES = ("mtp_head.py", "mlx_models.py", "plan/shapes.py")
 
 
 def _shapes(module) -> dict[str, tuple[int, ...]]:
@@ -53,9 +56,9 @@ def _memo_key(config: dict, with_head: bool) -> str:
     import xxhash
 
     package = Path(__file__).resolve().parent.parent
-    head_code = b"".join((package / name).read_bytes() for name in ("mtp_head.py", "mlx_models.py"))
-    what = {"config": config, "head": with_head, "mlx_lm": version("mlx-lm"),
-            "head_code": xxhash.xxh3_128_hexdigest(head_code)}
+    code = b"".join((package / name).read_bytes() for name in CODE_FILES)
+    what = {"config": config, "head": with_head, "mlx_lm": version("mlx-lm"), "mlx": version("mlx"),
+            "head_code": xxhash.xxh3_128_hexdigest(code)}
     return xxhash.xxh3_128_hexdigest(json.dumps(what, sort_keys=True, default=str).encode())
 
 
@@ -67,9 +70,10 @@ def _read_memo(path: Path) -> dict:
     return memo if isinstance(memo, dict) else {}
 
 
-def _as_shapes(table) -> dict[str, tuple[int, ...]] | None:
-    """A memo entry's {name: [dims]} as shapes; None if it is not that (a damaged memo)."""
-    if not isinstance(table, dict):
+def _as_shapes(table, allow_empty: bool = False) -> dict[str, tuple[int, ...]] | None:
+    """A memo entry's {name: [dims]} as shapes; None if it is not that (a damaged memo). Empty
+    only where nothing is asked (no head): an empty trunk table would check nothing."""
+    if not isinstance(table, dict) or (not table and not allow_empty):
         return None
     if not all(isinstance(v, list) and all(type(d) is int for d in v) for v in table.values()):
         return None
@@ -84,11 +88,13 @@ def expected_shapes(config: dict, config_file: Path | str, with_head: bool):
     key = _memo_key(config, with_head)
     memo = _read_memo(path)
     hit = memo.get(key) if isinstance(memo.get(key), dict) else {}
-    trunk, head = _as_shapes(hit.get("trunk")), _as_shapes(hit.get("head"))
+    trunk, head = _as_shapes(hit.get("trunk")), _as_shapes(hit.get("head"), allow_empty=not with_head)
     if trunk is not None and head is not None:
         return trunk, head
-    trunk = trunk_shapes(config, config_file)
-    head = head_shapes(config) if with_head else {}
+    # copies: mlx-lm's ModelArgs rewrite the dict they are given (rope_parameters' rope_type ->
+    # type), which would change this config's memo key for the next call in the same process
+    trunk = trunk_shapes(copy.deepcopy(config), config_file)
+    head = head_shapes(copy.deepcopy(config)) if with_head else {}
     if path.parent.is_dir():
         from ..fileio import atomic_write_json
 
