@@ -95,9 +95,32 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def remove_stale_temps(path: Path) -> int:
+    """Remove the make_temp files of `path` whose writer is gone (a build killed mid-write):
+    regular files named exactly `.<name>.<pid>.<random>.tmp` next to it, never through a link."""
+    removed = 0
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        if (entry.name.startswith(f".{path.name}.") and entry.name.endswith(".tmp")
+                and _temp_owner(Path(entry.path)) is not None and entry.is_file(follow_symlinks=False)
+                and stale_temp(Path(entry.path))):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes, memo: bool = False) -> None:
     """Write `path` whole or not at all (temp file, fsync, rename, fsync of the directory).
-    `memo`: a file that only saves work, with a fault checkpoint of its own (forgekit/faults.py)."""
+    `memo`: a file that only saves work, with a fault checkpoint of its own (forgekit/faults.py);
+    the temp files a killed writer of it left are removed first (nothing else sweeps the cache root)."""
+    if memo:
+        remove_stale_temps(path)
     tmp = make_temp(path.parent, path.name)
     try:
         with open(tmp, "wb") as f:

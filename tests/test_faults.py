@@ -60,7 +60,7 @@ KILLS = [
     ("commit.renamed", 2),       # object in the store without its record
     ("commit.recorded", 1),      # object + record in place, doit state not saved
     ("atomic.tmp-written", 2),   # the first record's temp file written, not renamed (1: the lease)
-    ("memo.tmp-written", 1),     # the shapes memo's temp file written, not renamed
+    ("memo.tmp-written", 1),     # a memo's temp file written, not renamed (in a fresh cache: the shapes memo)
     ("stage.begin", 1),          # staging dir emptied
     ("stage.file", 2),           # staging half assembled
     ("place.tmp", 3),            # a staged file linked under its temp name

@@ -217,3 +217,28 @@ def test_an_empty_shapes_memo_entry_is_asked_again(tmp_path, monkeypatch):
         trunk, head = expected_shapes(config, "a", with_head)
         assert "language_model.model.norm.weight" in trunk and bool(head) == with_head
         assert json.loads((tmp_path / SHAPES_MEMO).read_text())[key]["trunk"]
+
+
+def test_a_memo_write_removes_the_temp_files_a_killed_writer_left(cold):
+    """A build killed while writing a memo leaves `.model-shapes.json.<pid>.<random>.tmp` in the
+    cache root; the next memo write removes those of dead writers only, and never a symlink."""
+    import subprocess as sp
+
+    from forgekit.plan.shapes import SHAPES_MEMO
+
+    work, recipe, _, _ = cold
+    root = work / "cache"
+    gone = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = root / f".{SHAPES_MEMO}.{int(gone.stdout)}.abc123.tmp"
+    alive = root / f".{SHAPES_MEMO}.{os.getpid()}.def456.tmp"       # this test's process is running
+    link = root / f".{SHAPES_MEMO}.{int(gone.stdout)}.link99.tmp"
+    target = work / "not-the-caches.txt"
+    for p in (dead, alive, target):
+        p.write_text("{")
+    link.symlink_to(target)
+    (root / SHAPES_MEMO).unlink()                                      # the next plan writes the memo
+    proc = build(recipe, work)
+    assert ran_tasks(proc) == [], proc.stdout
+    assert (root / SHAPES_MEMO).is_file()
+    assert not dead.exists() and alive.exists() and link.is_symlink() and target.read_text() == "{"
+    alive.unlink(), link.unlink(), target.unlink()
