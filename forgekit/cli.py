@@ -281,6 +281,14 @@ def cmd_lock(args) -> int:
     return 0
 
 
+def _existing_dir(name: str) -> Path:
+    """The directory a command was given, or the one-line error if it is not one."""
+    directory = Path(name)
+    if not directory.is_dir():
+        raise ForgeError(f"{directory}: not a directory")
+    return directory
+
+
 # ---------------------------------------------------------------- verify
 
 
@@ -288,9 +296,7 @@ def cmd_verify(args) -> int:
     from .build.published_dir import recorded_recipe
     from .verify import verify_directory
 
-    directory = Path(args.directory)
-    if not directory.is_dir():
-        raise ForgeError(f"{directory}: not a directory")
+    directory = _existing_dir(args.directory)
     recipe = args.recipe or recorded_recipe(directory)
     redirect = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     with redirect:
@@ -310,9 +316,7 @@ def cmd_verify(args) -> int:
 def cmd_publish(args) -> int:
     from .hub_publish import prepare, publish, refusal
 
-    directory = Path(args.directory)
-    if not directory.is_dir():
-        raise ForgeError(f"{directory}: not a directory")
+    directory = _existing_dir(args.directory)
     upload = prepare(directory, args.repo)
     if args.dry_run:
         verdict = "would publish" if not upload.problems else (
