@@ -93,7 +93,7 @@ def test_a_noop_build_imports_no_model_library(cold):
     assert not seen & {"mlx_lm", "transformers", OWN_PACKAGE}, sorted(seen & {"mlx_lm", "transformers", OWN_PACKAGE})
 
 
-def test_without_the_shapes_memo_a_noop_asks_mlx_lm_and_writes_it_back(cold):
+def test_without_the_shapes_memo_a_noop_reads_mlx_lms_model_files_and_writes_it_back(cold):
     """Mis-case for the test above: with the memo gone, planning reads mlx-lm's model files again, still runs
     no task, and the memo is back for the next run."""
     from forgekit.plan.shapes import SHAPES_MEMO
